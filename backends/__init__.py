@@ -1,0 +1,1 @@
+"""Backends behind one small async contract (see ``backends.base``)."""

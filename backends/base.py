@@ -1,0 +1,248 @@
+"""The backend contract: what the gateway hands a backend, and what it gets back.
+
+A backend is one object with one working method::
+
+    async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult
+
+plus lifecycle (``start``/``aclose``), readiness and a load snapshot. Everything else (retries, fallback,
+deadlines, pricing, rendering) is policy layered around it by the gateway, the way httpx layers
+redirects and auth around ``transport.handle_async_request``.
+
+Backends raise only the ``gateway.errors`` vocabulary (``BackendError`` subclasses, or ``CallerError``
+for a request they must refuse); anything else is reported as a backend failure by the dispatcher.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar, Iterator, Protocol, runtime_checkable
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRequest:
+    """A parsed, validated image-generation request, independent of any wire format.
+
+    ``options`` carries per-route backend options chosen by the router (e.g. ``{"decoder": "taesd"}`` for
+    the local backend's preview path); a backend reads the keys it knows and ignores the others.
+    ``deadline`` is a ``time.monotonic()`` instant after which nobody waits for the answer.
+    """
+
+    prompt: str
+    n: int = 1
+    width: int = 1024
+    height: int = 1024
+    model: str | None = None
+    tier: str | None = None
+    quality: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    output_format: str = "png"
+    output_compression: int | None = None
+    response_format: str = "b64_json"
+    user: str | None = None
+    request_id: str = ""
+    deadline: float | None = None
+    options: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def megapixels(self) -> float:
+        return self.width * self.height / 1_000_000
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (may be negative), or None without a deadline."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """One generated image. Exactly one of ``data`` (encoded bytes), ``b64`` (base64 text as received,
+    kept to pass through without a decode/encode round trip) or ``url`` is set."""
+
+    format: str = "png"
+    data: bytes | None = None
+    b64: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+    def as_bytes(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        if self.b64 is not None:
+            return base64.b64decode(self.b64)
+        raise ValueError("image has only a URL")
+
+    def as_b64(self) -> str:
+        if self.b64 is not None:
+            return self.b64
+        return base64.b64encode(self.as_bytes()).decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Inputs to the cost model, as the backend observed them (None = not known)."""
+
+    images: int = 0
+    megapixels: float = 0.0
+    steps: int | None = None
+    gpu_seconds: float | None = None
+    predict_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    images: tuple[Image, ...]
+    usage: Usage = field(default_factory=Usage)
+
+
+class StageClock:
+    """Per-attempt timing sink, owned by the dispatcher, filled by the backend.
+
+    ``backend_s`` is time spent *waiting on the backend*: on the wire (first request byte written to last
+    response byte read), in poll sleeps, or for the local device worker. The gateway reports
+    ``total - sum(backend_s)`` as its own overhead, so a backend must not count its own CPU work
+    (JSON building, decoding) here. ``stages`` are backend-reported stage durations in seconds
+    (``queue``, ``denoise``, ``remote_predict``...) shown in Server-Timing; they are informational and
+    are not added to any total.
+    """
+
+    __slots__ = ("backend_s", "stages")
+
+    def __init__(self) -> None:
+        self.backend_s = 0.0
+        self.stages: dict[str, float] = {}
+
+    def add_wait(self, seconds: float) -> None:
+        self.backend_s += seconds
+
+    def stage(self, name: str, seconds: float) -> None:
+        self.stages[name] = self.stages.get(name, 0.0) + seconds
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Count the enclosed block (an await on remote or device work) as backend time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.backend_s += time.perf_counter() - start
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0
+    read: float = 120.0
+    total: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can serve; the router never sends a request outside these.
+
+    ``sizes`` empty means any size within ``max_width``/``max_height`` whose sides are multiples of
+    ``size_multiple``.
+    """
+
+    sizes: tuple[str, ...] = ()
+    max_width: int = 2048
+    max_height: int = 2048
+    size_multiple: int = 8
+    max_n: int = 4
+    max_steps: int = 100
+    output_formats: tuple[str, ...] = OUTPUT_FORMATS
+    negative_prompt: bool = True
+    seed: bool = True
+
+    def refusal(self, request: ImageRequest) -> str | None:
+        """Why this backend cannot serve ``request``, or None if it can. Pure."""
+        if self.sizes and request.size not in self.sizes:
+            return f"size {request.size} not in {', '.join(self.sizes)}"
+        if not self.sizes:
+            if request.width > self.max_width or request.height > self.max_height:
+                return f"size {request.size} exceeds {self.max_width}x{self.max_height}"
+            if request.width % self.size_multiple or request.height % self.size_multiple:
+                return f"size {request.size} is not a multiple of {self.size_multiple}"
+        if request.n > self.max_n:
+            return f"n={request.n} exceeds max_n={self.max_n}"
+        if request.steps is not None and request.steps > self.max_steps:
+            return f"steps={request.steps} exceeds max_steps={self.max_steps}"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """What a backend is constructed from: its name, its typed ``settings`` (the dataclass declared by
+    its module's ``Settings``), and the gateway-wide per-backend knobs it must honour."""
+
+    name: str
+    type: str
+    settings: Any
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    max_concurrency: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """A snapshot of a backend's load, read by the router (through the stats snapshot)."""
+
+    in_flight: int = 0
+    queue_depth: int = 0
+    est_wait_s: float = 0.0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The contract every backend implements. See the module docstring."""
+
+    Settings: ClassVar[type]
+    spec: BackendSpec
+
+    async def start(self) -> None:
+        """Open clients, load and warm models. The gateway is not ready until every required backend
+        returned from ``start``."""
+
+    async def aclose(self) -> None:
+        """Release everything ``start`` acquired. Called once at shutdown."""
+
+    def ready(self) -> bool:
+        """Cheap readiness (no I/O): True once ``start`` finished and the backend can take work."""
+
+    def load(self) -> Load:
+        """Cheap load snapshot (no I/O)."""
+
+    async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
+        """Produce ``request.n`` images or raise a ``gateway.errors`` error. Cancellation (the client
+        went away, the deadline passed) arrives as ``asyncio.CancelledError``: stop, and cancel any
+        remote work already started, then re-raise."""
+
+
+@dataclass
+class LoadCounter:
+    """Helper for backends: counts in-flight calls to compute a ``Load``."""
+
+    in_flight: int = 0
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    def snapshot(self) -> Load:
+        return Load(in_flight=self.in_flight)

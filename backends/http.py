@@ -1,0 +1,277 @@
+"""Shared HTTP plumbing for remote backends.
+
+* ``make_client``: one pooled ``httpx.AsyncClient`` per backend, timeouts and pool size from config.
+* ``send``: send a request, read the body, record *wire time* on the attempt's ``StageClock`` and map
+  transport failures into the error vocabulary.
+* ``raise_for_status``: map an upstream HTTP status (and Retry-After) into the error vocabulary.
+* ``fetch_output``: fetch an output image from a URL or ``data:`` URI, only from allowed hosts, size-capped.
+
+Why wire time from httpcore's trace events rather than timing ``await client.send()``: the client
+library's own CPU work (building the request, parsing the response) happens inside that await, and is
+gateway overhead, not backend time. We count from the first byte of the request written (or the TCP
+connect, when a new connection is needed) to the last byte of the response read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from backends.base import BackendSpec, StageClock
+from gateway.errors import (
+    BackendError,
+    BackendFailed,
+    BackendOverloaded,
+    BackendProtocolError,
+    BackendRejected,
+    BackendTimeout,
+    BackendUnavailable,
+    OutputFetchError,
+    OutputNotAllowed,
+    scrub,
+)
+
+_START_EVENTS = frozenset({"connection.connect_tcp.started", "http11.send_request_headers.started",
+                           "http2.send_request_headers.started"})
+_END_EVENTS = frozenset({"http11.receive_response_body.complete", "http2.receive_response_body.complete",
+                         "http11.receive_response_body.failed", "http2.receive_response_body.failed"})
+
+
+def make_client(
+    spec: BackendSpec,
+    base_url: str = "",
+    headers: Mapping[str, str] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
+    """The backend's single pooled client. Keep-alive connections are sized to ``max_concurrency`` so a
+    burst never waits for the pool before the router's own concurrency limit kicks in."""
+    t = spec.timeouts
+    return httpx.AsyncClient(
+        base_url=base_url,
+        headers=dict(headers or {}),
+        timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.read, pool=t.connect),
+        limits=httpx.Limits(
+            max_connections=spec.max_concurrency,
+            max_keepalive_connections=spec.max_concurrency,
+            keepalive_expiry=30.0,
+        ),
+        transport=transport,
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+class _WireTimer:
+    """httpcore ``trace`` callback: remembers the first start event and the last body event."""
+
+    __slots__ = ("start", "end")
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.end = 0.0
+
+    async def __call__(self, name: str, info: Mapping[str, Any]) -> None:
+        if name in _START_EVENTS:
+            if not self.start:
+                self.start = time.perf_counter()
+        elif name in _END_EVENTS:
+            self.end = time.perf_counter()
+
+    def seconds(self) -> float:
+        if not self.start:
+            return 0.0
+        return (self.end or time.perf_counter()) - self.start
+
+
+async def send(
+    client: httpx.AsyncClient,
+    request: httpx.Request,
+    clock: StageClock,
+    *,
+    backend: str,
+    secrets: tuple[str, ...] = (),
+) -> httpx.Response:
+    """Send ``request`` and read the whole body. Transport failures become vocabulary errors; HTTP error
+    statuses are returned as-is (see ``raise_for_status``)."""
+    timer = _WireTimer()
+    request.extensions["trace"] = timer
+    response: httpx.Response | None = None
+    try:
+        response = await client.send(request, stream=True)
+        await response.aread()
+        return response
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise BackendUnavailable(f"{backend}: cannot connect: {scrub(str(exc) or type(exc).__name__, secrets)}")
+    except httpx.PoolTimeout:
+        raise BackendOverloaded(f"{backend}: no free connection in the pool")
+    except httpx.TimeoutException as exc:
+        raise BackendTimeout(f"{backend}: {type(exc).__name__} after {timer.seconds():.1f}s")
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        raise BackendProtocolError(
+            f"{backend}: connection broke: {scrub(str(exc) or type(exc).__name__, secrets)}"
+        )
+    finally:
+        clock.add_wait(timer.seconds())
+        if response is not None:
+            await response.aclose()
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Parse a Retry-After header (delta-seconds or HTTP-date). None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def error_detail(response: httpx.Response, secrets: tuple[str, ...] = ()) -> str:
+    """A short, scrubbed description of an upstream error body (JSON ``error``/``detail`` or text)."""
+    text = response.text
+    try:
+        body = response.json()
+    except ValueError:
+        return scrub(text, secrets) or response.reason_phrase
+    if isinstance(body, Mapping):
+        for key in ("error", "detail", "message", "title"):
+            if key in body:
+                inner = body[key]
+                if isinstance(inner, Mapping) and "message" in inner:
+                    inner = inner["message"]
+                return scrub(inner if isinstance(inner, str) else str(inner), secrets)
+    return scrub(text, secrets)
+
+
+def raise_for_status(response: httpx.Response, *, backend: str, secrets: tuple[str, ...] = ()) -> None:
+    """Map an HTTP error status into the vocabulary; return quietly on 2xx/3xx."""
+    status = response.status_code
+    if status < 400:
+        return
+    detail = f"{backend}: HTTP {status}: {error_detail(response, secrets)}"
+    retry_after = retry_after_seconds(response.headers.get("retry-after"))
+    if status == 429:
+        raise BackendOverloaded(detail, retry_after=retry_after)
+    if status == 503:
+        raise BackendOverloaded(detail, retry_after=retry_after)
+    if status == 504:
+        raise BackendTimeout(detail)
+    if status >= 500:
+        raise BackendFailed(detail)
+    if status in (401, 403, 404, 405):
+        # Our credentials or configuration are wrong for this backend; another backend may be fine.
+        raise BackendFailed(detail)
+    if status == 408:
+        raise BackendTimeout(detail)
+    raise BackendRejected(detail)
+
+
+def json_body(response: httpx.Response, *, backend: str) -> Any:
+    """Parse a JSON body or raise ``BackendProtocolError``."""
+    try:
+        return response.json()
+    except ValueError:
+        raise BackendProtocolError(f"{backend}: response is not valid JSON") from None
+
+
+def host_allowed(url: str, allowed_hosts: tuple[str, ...]) -> bool:
+    """``allowed_hosts`` entries are host names, ``host:port``, or ``*.suffix`` wildcards."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    host = parts.hostname.lower()
+    with_port = f"{host}:{parts.port}" if parts.port else host
+    for pattern in allowed_hosts:
+        pattern = pattern.lower()
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]):
+                return True
+        elif pattern in (host, with_port):
+            return True
+    return False
+
+
+_CONTENT_TYPES = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/webp": "webp"}
+
+
+def sniff_format(data: bytes, content_type: str | None = None) -> str:
+    """Image format from magic bytes (falling back to the content type)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if content_type:
+        return _CONTENT_TYPES.get(content_type.split(";")[0].strip().lower(), "png")
+    return "png"
+
+
+async def fetch_output(
+    client: httpx.AsyncClient,
+    url: str,
+    clock: StageClock,
+    *,
+    backend: str,
+    allowed_hosts: tuple[str, ...],
+    max_bytes: int = 50 * 1024 * 1024,
+    timeout: float = 30.0,
+) -> tuple[bytes, str]:
+    """Fetch one output image; returns ``(bytes, format)``.
+
+    ``data:`` URIs are decoded in place. HTTP(S) URLs are fetched only from ``allowed_hosts`` (never an
+    arbitrary URL from a response: that would let an upstream make us fetch internal addresses),
+    without following redirects, and abandoned past ``max_bytes``.
+    """
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise BackendProtocolError(f"{backend}: unsupported data URI encoding")
+        if len(payload) * 3 // 4 > max_bytes:
+            raise OutputFetchError(f"{backend}: output larger than {max_bytes} bytes")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise BackendProtocolError(f"{backend}: malformed base64 in data URI") from None
+        return data, sniff_format(data, header[5:].split(";")[0])
+    if not host_allowed(url, allowed_hosts):
+        host = urlsplit(url).hostname or "?"
+        raise OutputNotAllowed(f"{backend}: output URL host {host!r} is not in allowed_output_hosts")
+    timer = _WireTimer()
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with client.stream(
+            "GET", url, timeout=timeout, extensions={"trace": timer}, follow_redirects=False
+        ) as response:
+            if response.status_code != 200:
+                raise OutputFetchError(f"{backend}: output URL answered HTTP {response.status_code}")
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise OutputFetchError(f"{backend}: output larger than {max_bytes} bytes")
+                chunks.append(chunk)
+            content_type = response.headers.get("content-type")
+    except BackendError:
+        raise
+    except httpx.TimeoutException:
+        raise OutputFetchError(f"{backend}: output fetch timed out") from None
+    except httpx.HTTPError as exc:
+        raise OutputFetchError(f"{backend}: output fetch failed: {type(exc).__name__}") from None
+    finally:
+        clock.add_wait(timer.seconds())
+    data = b"".join(chunks)
+    return data, sniff_format(data, content_type)

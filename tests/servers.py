@@ -1,0 +1,93 @@
+"""Run test servers on 127.0.0.1 with free ports; they stop when the context exits.
+
+``serve_app(app)`` runs any ASGI app (a fake upstream, or the gateway itself) under uvicorn in a
+background thread, so both sync clients (the official SDKs) and async tests can talk to it.
+``run_process`` starts a third-party server process and waits until a readiness URL answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+
+import httpx
+import uvicorn
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(app, *, port: int | None = None, lifespan: str = "auto", timeout: float = 30.0) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1 in a thread; yields the base URL ``http://127.0.0.1:PORT``."""
+    port = port or free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan,
+                            access_log=False, timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
+    thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("test server failed to start")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise TimeoutError("test server did not start in time")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def run_process(
+    argv: Sequence[str],
+    *,
+    ready_url: str,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    timeout: float = 60.0,
+    ready_status: int = 200,
+) -> Iterator[subprocess.Popen]:
+    """Start a server process, wait until ``ready_url`` answers ``ready_status``, stop it afterwards
+    (SIGTERM to its process group, then SIGKILL)."""
+    log = open(os.devnull, "wb") if os.environ.get("IMAGEGATE_TEST_SERVER_LOGS") is None else None
+    proc = subprocess.Popen(list(argv), env={**os.environ, **(env or {})}, cwd=cwd, stdout=log,
+                            stderr=subprocess.STDOUT if log else None, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{argv[0]} exited with {proc.returncode} before it was ready")
+            try:
+                if httpx.get(ready_url, timeout=1.0).status_code == ready_status:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{argv[0]} not ready at {ready_url} after {timeout}s")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+        if log:
+            log.close()
