@@ -1,0 +1,149 @@
+"""``type: openai`` — any OpenAI-compatible images endpoint (OpenAI itself, another gateway, a self-hosted
+server). ``to_body`` and ``from_body`` are the pure translation; ``OpenAIBackend`` is the thin client.
+
+Base64 images are passed through as the text they arrived in: no decode/encode round trip unless the
+client asked for another output format (then the gateway transcodes).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+from backends.base import EMPTY, BackendSpec, Image, ImageRequest, ImageResult, Load, LoadCounter, StageClock, Usage
+from backends.http import fetch_output, make_client, raise_for_status, send, sniff_format
+from gateway.errors import BackendProtocolError
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    base_url: str  # up to and including /v1, e.g. https://api.openai.com/v1
+    api_key: str | None = None  # usually "${OPENAI_API_KEY}"
+    model: str | None = None  # upstream model name; None forwards the client's model field
+    path: str = "/images/generations"
+    # OpenAI's own API rejects fields it does not know; forward the imagegate extensions (seed, steps,
+    # guidance_scale, negative_prompt) only to upstreams that understand them (another imagegate).
+    forward_extensions: bool = False
+    # gpt-image models always answer b64_json and refuse the response_format field.
+    send_response_format: bool = True
+    send_output_format: bool = False
+    extra_body: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+    extra_headers: Mapping[str, str] = field(default_factory=lambda: EMPTY)
+    allowed_output_hosts: tuple[str, ...] = ("oaidalleapiprodscus.blob.core.windows.net",)
+    max_output_bytes: int = 50 * 1024 * 1024
+
+
+def to_body(request: ImageRequest, settings: Settings) -> dict[str, Any]:
+    """The upstream request body for ``request``. Pure."""
+    body: dict[str, Any] = {"prompt": request.prompt, "n": request.n, "size": request.size}
+    model = settings.model or request.model
+    if model:
+        body["model"] = model
+    if request.quality:
+        body["quality"] = request.quality
+    if settings.send_response_format:
+        # Ask for what the client wants when we can hand a URL straight through; b64 otherwise.
+        body["response_format"] = "url" if request.response_format == "url" else "b64_json"
+    if settings.send_output_format:
+        body["output_format"] = request.output_format
+        if request.output_compression is not None:
+            body["output_compression"] = request.output_compression
+    if request.user:
+        body["user"] = request.user
+    if settings.forward_extensions:
+        for key in ("seed", "steps", "guidance_scale", "negative_prompt"):
+            value = getattr(request, key)
+            if value is not None:
+                body[key] = value
+    body.update(settings.extra_body)
+    return body
+
+
+def _b64_format(b64: str) -> str:
+    try:
+        head = base64.b64decode(b64[:24], validate=True)
+    except (binascii.Error, ValueError):
+        return "png"
+    return sniff_format(head)
+
+
+def from_body(payload: Any, fallback_format: str = "png") -> list[Image]:
+    """Images from an upstream response body (b64 passed through as text; URLs kept for the caller to
+    fetch or pass on). Raises ``ValueError`` on a body that is not an images response. Pure."""
+    if not isinstance(payload, Mapping) or not isinstance(payload.get("data"), list):
+        raise ValueError("response has no 'data' list")
+    declared = payload.get("output_format")
+    images = []
+    for item in payload["data"]:
+        if not isinstance(item, Mapping):
+            raise ValueError("'data' item is not an object")
+        revised = item.get("revised_prompt")
+        if isinstance(item.get("b64_json"), str):
+            b64 = item["b64_json"]
+            fmt = declared if declared in ("png", "jpeg", "webp") else _b64_format(b64)
+            images.append(Image(format=fmt, b64=b64, revised_prompt=revised))
+        elif isinstance(item.get("url"), str):
+            images.append(Image(format=fallback_format, url=item["url"], revised_prompt=revised))
+        else:
+            raise ValueError("'data' item has neither b64_json nor url")
+    return images
+
+
+class OpenAIBackend:
+    Settings = Settings
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.spec = spec
+        self.settings: Settings = spec.settings
+        self._client: httpx.AsyncClient | None = None
+        self._load = LoadCounter()
+        self._secrets = tuple(s for s in (self.settings.api_key,) if s)
+        self._url = self.settings.base_url.rstrip("/") + self.settings.path
+
+    async def start(self) -> None:
+        headers = dict(self.settings.extra_headers)
+        if self.settings.api_key:
+            headers["authorization"] = f"Bearer {self.settings.api_key}"
+        self._client = make_client(self.spec, headers=headers)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    def ready(self) -> bool:
+        return self._client is not None
+
+    def load(self) -> Load:
+        return self._load.snapshot()
+
+    async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
+        assert self._client is not None, "start() not called"
+        name = self.spec.name
+        with self._load.track():
+            http_request = self._client.build_request(
+                "POST", self._url, content=orjson.dumps(to_body(request, self.settings)),
+                headers={"content-type": "application/json", "x-request-id": request.request_id},
+            )
+            response = await send(self._client, http_request, clock, backend=name, secrets=self._secrets)
+            raise_for_status(response, backend=name, secrets=self._secrets)
+            try:
+                images = from_body(orjson.loads(response.content), request.output_format)
+            except (orjson.JSONDecodeError, ValueError) as exc:
+                raise BackendProtocolError(f"{name}: unreadable images response: {exc}") from None
+            if request.response_format != "url":
+                images = [await self._fetched(img, clock) if img.url else img for img in images]
+        return ImageResult(tuple(images), Usage(images=len(images), megapixels=request.megapixels * len(images)))
+
+    async def _fetched(self, image: Image, clock: StageClock) -> Image:
+        assert self._client is not None and image.url is not None
+        data, fmt = await fetch_output(
+            self._client, image.url, clock, backend=self.spec.name,
+            allowed_hosts=self.settings.allowed_output_hosts, max_bytes=self.settings.max_output_bytes,
+        )
+        return Image(format=fmt, data=data, revised_prompt=image.revised_prompt)

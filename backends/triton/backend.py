@@ -1,0 +1,174 @@
+"""``type: triton``: a model served over the KServe V2 HTTP protocol (Triton, MLServer, KServe).
+
+Readiness comes from ``GET /v2/models/{m}[/versions/{v}]/ready``: checked in ``start`` and then polled in
+the background, and dropped at once when a call cannot connect. V2 has no cancel over HTTP: when the
+client goes away we only drop the connection (httpx closes it when the request task is cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+
+import httpx
+import numpy as np
+from PIL import Image as PILImage
+
+from backends.base import BackendSpec, Image, ImageRequest, ImageResult, Load, LoadCounter, StageClock, Usage
+from backends.http import make_client, raise_for_status, send
+from backends.triton.codec import CodecError, decode_response, encode_png, encode_request, infer_path, ready_path
+from backends.triton.codec import split_calls
+from backends.triton.config import Settings
+from gateway.errors import BackendProtocolError, BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def _decode_and_encode(headers: httpx.Headers, body: bytes, settings: Settings) -> list[tuple[Image, int]]:
+    """Worker-thread half of a call: tensor → images, with each image's pixel count. CPU-bound: parsing a
+    JSON array of a megapixel image and PNG encoding each take tens of milliseconds."""
+    out: list[tuple[Image, int]] = []
+    for item in decode_response(headers, body, settings):
+        if isinstance(item, Image):
+            out.append((item, _pixels_of(item)))
+        else:
+            assert isinstance(item, np.ndarray)
+            data = encode_png(item, settings.png_compress_level)
+            out.append((Image(format="png", data=data), item.shape[0] * item.shape[1]))
+    return out
+
+
+def _pixels_of(image: Image) -> int:
+    """Pixel count of an encoded image (reads only the header)."""
+    try:
+        with PILImage.open(io.BytesIO(image.as_bytes())) as pil:
+            return pil.width * pil.height
+    except (OSError, ValueError):  # PIL.UnidentifiedImageError is an OSError
+        raise CodecError("a BYTES output element is not an image") from None
+
+
+class TritonBackend:
+    """Generates images with one KServe V2 model. See ``backends.triton.config.Settings``."""
+
+    Settings = Settings
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.spec = spec
+        self.settings: Settings = spec.settings
+        self._client: httpx.AsyncClient | None = None
+        self._ready = False
+        self._poller: asyncio.Task[None] | None = None
+        self._load = LoadCounter()
+        s = self.settings
+        self._secrets = tuple(v for v in (s.api_key, *s.headers.values()) if v)
+        self._infer_path = infer_path(s)
+        self._ready_path = ready_path(s)
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        headers = dict(s.headers)
+        if s.api_key:
+            headers[s.api_key_header] = f"{s.api_key_prefix}{s.api_key}"
+        self._client = make_client(self.spec, s.base_url, headers)
+        self._ready = await self._check_ready()
+        if not self._ready:
+            log.warning("triton backend %s: model %s not ready at start", self.spec.name, s.model)
+        self._poller = asyncio.create_task(self._poll_ready(), name=f"triton-ready:{self.spec.name}")
+
+    async def aclose(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        self._ready = False
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def load(self) -> Load:
+        return self._load.snapshot()
+
+    async def _check_ready(self) -> bool:
+        assert self._client is not None
+        try:
+            response = await self._client.get(self._ready_path, timeout=self.spec.timeouts.connect)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def _poll_ready(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.ready_interval_s)
+            ready = await self._check_ready()
+            if ready != self._ready:
+                log.info("triton backend %s: ready=%s", self.spec.name, ready)
+            self._ready = ready
+
+    # -- work -------------------------------------------------------------------------------------------
+
+    async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
+        calls = split_calls(request, self.settings)
+        with self._load.track():
+            if len(calls) == 1:
+                results = [await self._call(calls[0], clock)]
+            else:
+                results = await self._parallel(calls, clock)
+        produced = [item for result in results for item in result]
+        if len(produced) < request.n:
+            raise BackendProtocolError(
+                f"{self.spec.name}: model returned {len(produced)} image(s), {request.n} requested"
+            )
+        produced = produced[: request.n]
+        return ImageResult(
+            images=tuple(image for image, _ in produced),
+            usage=Usage(
+                images=len(produced),
+                megapixels=sum(pixels for _, pixels in produced) / 1_000_000,
+                steps=request.steps,
+            ),
+        )
+
+    async def _parallel(self, calls: list[ImageRequest], clock: StageClock) -> list[list[tuple[Image, int]]]:
+        """Run the calls concurrently; the first failure (or our own cancellation) cancels the others.
+        Each call times its wire wait on its own clock and the attempt's clock gets the longest of them:
+        the waits overlap, so their sum would count the same wall time several times over."""
+        clocks = [StageClock() for _ in calls]
+        tasks = [asyncio.create_task(self._call(c, k)) for c, k in zip(calls, clocks)]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+            clock.add_wait(max(k.backend_s for k in clocks))
+        # Retrieve every exception (not only the first) so none is reported as never retrieved.
+        errors = [t.exception() for t in tasks if not t.cancelled() and t.exception() is not None]
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+        return [task.result() for task in tasks]
+
+    async def _call(self, request: ImageRequest, clock: StageClock) -> list[tuple[Image, int]]:
+        if self._client is None:
+            raise BackendUnavailable(f"{self.spec.name}: backend not started")
+        headers, body = encode_request(request, self.settings)
+        http_request = self._client.build_request("POST", self._infer_path, headers=headers, content=body)
+        try:
+            response = await send(self._client, http_request, clock, backend=self.spec.name, secrets=self._secrets)
+        except BackendUnavailable:
+            self._ready = False  # the poller brings it back once the server answers again
+            raise
+        # Triton: 400 bad input, 404 unknown model, 500 model exception / unparseable request,
+        # 503 queue full (no Retry-After). MLServer: 422 for a body it cannot validate.
+        raise_for_status(response, backend=self.spec.name, secrets=self._secrets)
+        try:
+            return await asyncio.to_thread(_decode_and_encode, response.headers, response.content, self.settings)
+        except CodecError as exc:
+            raise BackendProtocolError(f"{self.spec.name}: {exc}") from None

@@ -1,0 +1,214 @@
+"""The ASGI application: the generations hot path, the other endpoints, and the backends' lifecycle.
+
+``create_app(config)`` returns an ASGI app. On start-up (the ASGI lifespan) every backend's ``start()``
+runs in the background; start-up waits up to ``server.startup_wait_s`` for them, so quick backends are
+ready when the server starts listening and slow ones (model loading, compilation) keep going while
+``/healthz`` answers and ``/readyz`` reports progress.
+
+Endpoints: ``POST /v1/images/generations``, ``GET /v1/models``, ``GET /v1/config`` (redacted),
+``GET /v1/images/files/{id}``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from backends import registry
+from backends.base import Backend
+from gateway import errors
+from gateway.config import Config, load_config
+from gateway.dispatch import Dispatcher
+from gateway.handler import GenerationsHandler
+from gateway.images import ImageStore
+from gateway.logs import get_logger
+from gateway.metrics import Metrics
+from gateway.stats import StatsBook
+
+GENERATIONS = "/v1/images/generations"
+STARTUP_WAIT_S = float(os.environ.get("IMAGEGATE_STARTUP_WAIT_S", "60"))
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def _error(error: errors.ImagegateError) -> Response:
+    return Response(orjson.dumps(error.to_body()), status_code=error.status, media_type="application/json")
+
+
+class Gateway:
+    """One gateway: config snapshot, backends, stats, metrics, and the ASGI entry point."""
+
+    def __init__(self, config: Config, backends: Mapping[str, Backend] | None = None) -> None:
+        self.config = config
+        self.backends: dict[str, Backend] = dict(backends) if backends is not None else {
+            name: registry.create(b.spec) for name, b in config.backends.items()
+        }
+        self.log = get_logger("imagegate")
+        self.metrics = Metrics(self.backends)
+        self.stats = StatsBook(self.backends, config.server.cooldown_failures, config.server.cooldown_s)
+        self.dispatcher = Dispatcher(config, self.backends, self.stats, on_attempt=self.metrics.observe_attempt)
+        self.images = ImageStore(config.server.image_ttl_s, config.server.image_store_bytes)
+        self.generations = GenerationsHandler(
+            dispatcher=self.dispatcher, metrics=self.metrics, images=self.images,
+            log=get_logger("imagegate.access"), base_url=self._base_url,
+        )
+        self.startup: dict[str, dict[str, Any]] = {name: {"state": "pending"} for name in self.backends}
+        self._start_tasks: list[asyncio.Task[None]] = []
+        self.starlette = Starlette(
+            routes=[
+                Route("/healthz", self.healthz),
+                Route("/readyz", self.readyz),
+                Route("/metrics", self.prometheus),
+                Route("/v1/models", self.models),
+                Route("/v1/config", self.show_config),
+                Route("/v1/images/files/{key}", self.image_file),
+                Route(GENERATIONS, self.generations_wrong_method, methods=["GET", "PUT", "DELETE", "PATCH"]),
+            ],
+            exception_handlers={HTTPException: self._http_exception},  # type: ignore[dict-item]
+            lifespan=self._lifespan,
+        )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # The hot path bypasses Starlette's routing and request objects entirely.
+        if scope["type"] == "http" and scope["path"] == GENERATIONS and scope["method"] == "POST":
+            await self.generations(scope, receive, send)
+        else:
+            await self.starlette(scope, receive, send)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        self.log.info("starting", config=self.config.source, backends=list(self.backends),
+                      disabled=dict(self.config.disabled))
+        self._start_tasks = [asyncio.create_task(self._start(name, b)) for name, b in self.backends.items()]
+        if self._start_tasks:
+            await asyncio.wait(self._start_tasks, timeout=STARTUP_WAIT_S)
+        try:
+            yield
+        finally:
+            for task in self._start_tasks:
+                task.cancel()
+            await asyncio.gather(*self._start_tasks, return_exceptions=True)
+            await asyncio.gather(*(b.aclose() for b in self.backends.values()), return_exceptions=True)
+
+    async def _start(self, name: str, backend: Backend) -> None:
+        began = time.perf_counter()
+        self.startup[name] = {"state": "starting"}
+        self.log.info("backend_starting", backend=name, type=backend.spec.type)
+        try:
+            await backend.start()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            message = errors.scrub(f"{type(exc).__name__}: {exc}", self.config.secrets, limit=500)
+            self.startup[name] = {"state": "failed", "error": message}
+            required = self.config.backends[name].required
+            self.log.error("backend_failed_to_start", backend=name, required=required, error=message)
+            return
+        seconds = round(time.perf_counter() - began, 3)
+        self.startup[name] = {"state": "started", "seconds": seconds}
+        self.log.info("backend_started", backend=name, seconds=seconds)
+
+    # -- endpoints ----------------------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        backends = {}
+        ready = True
+        for name, backend in self.backends.items():
+            is_ready = backend.ready()
+            required = self.config.backends[name].required
+            backends[name] = {"ready": is_ready, "required": required, **self.startup[name]}
+            ready = ready and (is_ready or not required)
+        return _json({"ready": ready, "backends": backends}, 200 if ready else 503)
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def models(self, request: Request) -> Response:
+        cfg = self.config
+        data = []
+        for name in cfg.models:
+            tier = cfg.tiers.get(name)
+            routes = [r for r in cfg.routes
+                      if (name in r.match.tiers or (tier is not None and not r.match.tiers and not r.match.models))
+                      or name in r.match.models]
+            backends = list(dict.fromkeys(c.backend for r in routes for c in r.candidates))
+            entry: dict[str, Any] = {
+                "id": name, "object": "model", "created": 0, "owned_by": "imagegate",
+                "kind": "tier" if tier else "model", "routes": [r.name for r in routes],
+                "backends": [self._describe(b) for b in backends],
+            }
+            if tier:
+                entry.update(quality_floor=tier.quality_floor, latency_budget_s=tier.latency_budget_s,
+                             description=tier.description)
+            data.append(entry)
+        return _json({"object": "list", "data": data})
+
+    def _describe(self, name: str) -> dict[str, Any]:
+        b = self.config.backends[name]
+        # A backend may describe itself (the local backend says plainly when its weights are random).
+        description = getattr(self.backends[name], "description", None) or b.description
+        return {"name": name, "type": b.type, "quality": b.quality, "description": description,
+                "ready": self.backends[name].ready()}
+
+    async def show_config(self, request: Request) -> Response:
+        return _json({"source": self.config.source, "config": self.config.redacted(),
+                      "disabled": dict(self.config.disabled)})
+
+    async def image_file(self, request: Request) -> Response:
+        item = self.images.get(request.path_params["key"])
+        if item is None:
+            return _error(errors.NotFound("image not found or expired"))
+        data, content_type = item
+        return Response(data, media_type=content_type, headers={"cache-control": "private, max-age=600"})
+
+    async def generations_wrong_method(self, request: Request) -> Response:
+        return _error(errors.MethodNotAllowed(f"use POST {GENERATIONS}"))
+
+    async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return _error(errors.NotFound(f"no such endpoint: {request.url.path}"))
+        if exc.status_code == 405:
+            return _error(errors.MethodNotAllowed(f"method {request.method} not allowed here"))
+        return _json({"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
+                                "code": str(exc.status_code)}}, exc.status_code)
+
+    def _base_url(self, scope: dict[str, Any]) -> str:
+        if self.config.server.public_url:
+            return self.config.server.public_url.rstrip("/")
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+        if host is None:
+            server = scope.get("server") or ("127.0.0.1", self.config.server.port)
+            host = f"{server[0]}:{server[1]}"
+        return f"{scope.get('scheme', 'http')}://{host}"
+
+
+def create_app(config: Config, backends: Mapping[str, Backend] | None = None) -> Gateway:
+    """The gateway as an ASGI app. ``backends`` overrides construction from config (tests)."""
+    return Gateway(config, backends)
+
+
+def app_from_env() -> Gateway:
+    """uvicorn factory for ``--workers N``: each worker process loads ``$IMAGEGATE_CONFIG``."""
+    from gateway.logs import configure
+
+    configure()
+    return create_app(load_config(os.environ.get("IMAGEGATE_CONFIG") or None))

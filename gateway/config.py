@@ -1,0 +1,330 @@
+"""routes.yaml → one frozen, typed ``Config`` snapshot.
+
+Parsed once at start (and by ``imagegate check``). Every error names the file, the key path and the reason;
+unknown keys are errors. ``${VAR}`` / ``${VAR:-default}`` in string values are taken from the environment;
+interpolated values are remembered as secrets so that logs, errors and ``redacted()`` never show them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import yaml
+
+from backends.base import EMPTY, BackendSpec, Capabilities, Timeouts
+from backends.registry import BACKEND_TYPES, backend_class
+from backends.settings import SettingsError, build
+from gateway.errors import ConfigError
+
+Strategy = Literal["fallback", "cheapest", "fastest"]
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SIZE = re.compile(r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$")
+_SECRET_KEYS = re.compile(r"(?i)(key|token|secret|password|authorization)")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 1_048_576
+    default_deadline_s: float = 120.0
+    default_size: str = "1024x1024"
+    timing_allow_origin: str | None = None  # e.g. "*": lets browser scripts read Server-Timing cross-origin
+    log_prompts: bool = False
+    access_log: bool = True  # the one JSON line per request
+    public_url: str | None = None  # base of image URLs when response_format=url (default: from Host)
+    image_ttl_s: float = 600.0
+    image_store_bytes: int = 256 * 1024 * 1024
+    max_retries: int = 1  # extra tries on the same backend, only when no work can have started
+    retry_backoff_s: float = 0.25
+    max_retry_after_s: float = 30.0
+    cooldown_failures: int = 3  # consecutive retryable failures before a backend is demoted
+    cooldown_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        if not _SIZE.match(self.default_size):
+            raise SettingsError("default_size", f"must look like 1024x1024, got {self.default_size!r}")
+        if self.max_body_bytes < 1024:
+            raise SettingsError("max_body_bytes", "must be at least 1024")
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """Price of one request, summed over the parts that are set; all unset = unknown (never 0).
+
+    ``per_gpu_second`` and ``per_second`` (provider-reported predict time) are estimated before the run
+    from ``est_seconds_per_image`` or the observed average, and settled from the backend's report.
+    """
+
+    per_image: float | None = None
+    per_megapixel: float | None = None
+    per_step: float | None = None  # per image per denoising step
+    per_gpu_second: float | None = None
+    per_second: float | None = None
+    est_seconds_per_image: float | None = None
+    default_steps: int = 30  # for per_step pricing when the request does not say
+
+    @property
+    def known(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.per_image, self.per_megapixel, self.per_step, self.per_gpu_second, self.per_second)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _BackendEntry:
+    type: str
+    quality: float = 0.5
+    cost: CostModel = field(default_factory=CostModel)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_concurrency: int = 16
+    required: bool = False
+    enabled_if_env: str | None = None  # the backend exists only when this environment variable is set
+    description: str = ""
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    settings: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.quality <= 1.0:
+            raise SettingsError("quality", "must be between 0 and 1")
+        if self.max_concurrency < 1:
+            raise SettingsError("max_concurrency", "must be at least 1")
+        for size in self.capabilities.sizes:
+            if not _SIZE.match(size):
+                raise SettingsError("capabilities.sizes", f"{size!r} is not WIDTHxHEIGHT")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    name: str
+    quality: float
+    cost: CostModel
+    required: bool
+    description: str
+    spec: BackendSpec
+
+    @property
+    def type(self) -> str:
+        return self.spec.type
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.spec.capabilities
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    name: str = ""
+    quality_floor: float = 0.0
+    latency_budget_s: float | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    models: tuple[str, ...] = ()
+    tiers: tuple[str, ...] = ()
+    sizes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateConfig:
+    backend: str
+    options: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    candidates: tuple[CandidateConfig, ...]
+    match: Match = field(default_factory=Match)
+    strategy: Strategy = "fallback"
+
+    def __post_init__(self) -> None:
+        if not self.candidates:
+            raise SettingsError("candidates", "needs at least one candidate")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    server: ServerConfig
+    backends: Mapping[str, BackendConfig]
+    tiers: Mapping[str, Tier]
+    routes: tuple[Route, ...]
+    default_tier: str | None
+    disabled: Mapping[str, str]  # backend name → why it is not in use
+    secrets: tuple[str, ...] = ()
+    raw: Mapping[str, Any] = field(default_factory=lambda: EMPTY, repr=False)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Every name a client may put in ``model``: route models and tier names."""
+        names = dict.fromkeys(m for r in self.routes for m in r.match.models)
+        names.update(dict.fromkeys(self.tiers))
+        return tuple(names)
+
+    def redacted(self) -> dict[str, Any]:
+        """The configuration as written, ``${VAR}`` references kept, literal secret-looking values masked."""
+        return _redact(self.raw)
+
+
+def _redact(value: Any, key: str = "") -> Any:
+    if isinstance(value, Mapping):
+        return {k: _redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v, key) for v in value]
+    if isinstance(value, str) and _SECRET_KEYS.search(key) and not _ENV.fullmatch(value.strip()):
+        return "[redacted]"
+    return value
+
+
+def _interpolate(value: Any, path: str, secrets: list[str]) -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            got = os.environ.get(name)
+            if got is None:
+                if default is None:
+                    raise SettingsError(path, f"environment variable {name} is not set")
+                return default
+            if got:
+                secrets.append(got)
+            return got
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, Mapping):
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{path}[{i}]", secrets) for i, v in enumerate(value)]
+    return value
+
+
+_TOP_KEYS = ("server", "backends", "tiers", "routes", "default_tier")
+
+
+def _parse(doc: Any, source: str) -> Config:
+    if not isinstance(doc, Mapping):
+        raise SettingsError("", "the file must be a YAML mapping")
+    for key in doc:
+        if key not in _TOP_KEYS:
+            raise SettingsError(str(key), f"unknown key (allowed: {', '.join(_TOP_KEYS)})")
+    secrets: list[str] = []
+    server = build(ServerConfig, doc.get("server"), "server")
+
+    raw_backends = doc.get("backends") or {}
+    if not isinstance(raw_backends, Mapping) or not raw_backends:
+        raise SettingsError("backends", "must be a non-empty mapping of name → backend")
+    backends: dict[str, BackendConfig] = {}
+    disabled: dict[str, str] = {}
+    for name, raw in raw_backends.items():
+        path = f"backends.{name}"
+        if isinstance(raw, Mapping) and raw.get("type") not in BACKEND_TYPES:
+            raise SettingsError(
+                f"{path}.type", f"unknown backend type {raw.get('type')!r} (known: {', '.join(BACKEND_TYPES)})"
+            )
+        entry = build(_BackendEntry, raw, path)
+        if entry.enabled_if_env and not os.environ.get(entry.enabled_if_env):
+            disabled[str(name)] = f"{entry.enabled_if_env} is not set"
+            continue
+        settings_raw = _interpolate(dict(entry.settings), f"{path}.settings", secrets)
+        try:
+            cls = backend_class(entry.type)
+        except ImportError as exc:
+            raise SettingsError(f"{path}.type", f"backend type {entry.type!r} cannot be loaded: {exc}") from None
+        settings = build(cls.Settings, settings_raw, f"{path}.settings")
+        spec = BackendSpec(
+            name=str(name),
+            type=entry.type,
+            settings=settings,
+            timeouts=entry.timeouts,
+            capabilities=entry.capabilities,
+            max_concurrency=entry.max_concurrency,
+        )
+        backends[str(name)] = BackendConfig(
+            str(name), entry.quality, entry.cost, entry.required, entry.description, spec
+        )
+
+    raw_tiers = doc.get("tiers") or {}
+    if not isinstance(raw_tiers, Mapping):
+        raise SettingsError("tiers", "must be a mapping of name → tier")
+    tiers = {
+        str(name): build(Tier, {**(raw or {}), "name": str(name)}, f"tiers.{name}") for name, raw in raw_tiers.items()
+    }
+    default_tier = doc.get("default_tier")
+    if default_tier is not None and default_tier not in tiers:
+        raise SettingsError("default_tier", f"{default_tier!r} is not a tier (tiers: {', '.join(tiers) or 'none'})")
+
+    raw_routes = doc.get("routes")
+    if not isinstance(raw_routes, list) or not raw_routes:
+        raise SettingsError("routes", "must be a non-empty list of routes")
+    routes = []
+    for i, raw in enumerate(raw_routes):
+        path = f"routes[{i}]"
+        route = build(Route, raw, path)
+        for tier in route.match.tiers:
+            if tier not in tiers:
+                raise SettingsError(f"{path}.match.tiers", f"{tier!r} is not a tier")
+        for size in route.match.sizes:
+            if not _SIZE.match(size):
+                raise SettingsError(f"{path}.match.sizes", f"{size!r} is not WIDTHxHEIGHT")
+        kept = []
+        for j, cand in enumerate(route.candidates):
+            if cand.backend in disabled:
+                continue
+            if cand.backend not in backends:
+                raise SettingsError(f"{path}.candidates[{j}].backend", f"no backend named {cand.backend!r}")
+            kept.append(cand)
+        if not kept:
+            raise SettingsError(f"{path}.candidates", "every candidate is disabled")
+        routes.append(Route(route.name, tuple(kept), route.match, route.strategy))
+    names = [r.name for r in routes]
+    if len(set(names)) != len(names):
+        raise SettingsError("routes", "route names must be unique")
+    return Config(
+        source=source,
+        server=server,
+        backends=MappingProxyType(backends),
+        tiers=MappingProxyType(tiers),
+        routes=tuple(routes),
+        default_tier=default_tier,
+        disabled=MappingProxyType(disabled),
+        secrets=tuple(sorted(set(secrets), key=len, reverse=True)),
+        raw=doc,
+    )
+
+
+def load_config_text(text: str, source: str = "<string>") -> Config:
+    """Parse YAML text. Raises ``ConfigError(source, key path, reason)``."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(source, where, f"invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    try:
+        return _parse(doc, source)
+    except SettingsError as exc:
+        raise ConfigError(source, exc.path, exc.reason) from None
+
+
+DEFAULT_CONFIG = Path(__file__).with_name("default_routes.yaml")
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load ``path``; without one, ``./routes.yaml`` if present, else the embedded default."""
+    if path is None:
+        path = Path("routes.yaml") if Path("routes.yaml").is_file() else DEFAULT_CONFIG
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot read: {exc.strerror or exc}") from None
+    return load_config_text(text, str(path))

@@ -1,0 +1,186 @@
+"""Policy layered around ``backend.generate``, the way httpx layers redirects and auth around ``send``::
+
+    dispatch ─► fallback chain (over the router's candidates)
+             ─► retry on the same backend (only when no work can have started; Retry-After aware)
+             ─► single attempt (concurrency limit, per-attempt timeout, wire timing)
+             ─► backend.generate
+
+Everything happens within the request's deadline. The error class of a failure decides what happens next
+(see ``gateway.errors``); the result or the final error carries the list of attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from backends.base import Backend, ImageRequest, ImageResult, StageClock
+from gateway import router
+from gateway.config import Config
+from gateway.cost import settle
+from gateway.errors import (
+    AllCandidatesFailed,
+    AllCandidatesOverloaded,
+    AttemptRecord,
+    BackendError,
+    BackendFailed,
+    BackendOverloaded,
+    BackendTimeout,
+    CallerError,
+    DeadlineExceeded,
+    ImagegateError,
+    scrub,
+)
+from gateway.stats import StatsBook
+from gateway.timing import RequestTiming
+
+_OVERLOADED = f"{BackendOverloaded.family}.{BackendOverloaded.code}"
+# Called after every attempt: (backend name, outcome label, seconds waiting on the backend).
+AttemptHook = Callable[[str, str, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    result: ImageResult
+    backend: str
+    route: str
+    tier: str | None
+    cost_usd: float | None
+    attempts: tuple[AttemptRecord, ...]
+
+
+class DispatchFailed(Exception):
+    """Carries the final vocabulary error plus what was known about routing when it happened."""
+
+    def __init__(self, error: ImagegateError, route: str | None, attempts: tuple[AttemptRecord, ...]) -> None:
+        super().__init__(error.message)
+        self.error, self.route, self.attempts = error, route, attempts
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        config: Config,
+        backends: Mapping[str, Backend],
+        stats: StatsBook,
+        on_attempt: AttemptHook | None = None,
+    ) -> None:
+        self.config = config
+        self.backends = backends
+        self.stats = stats
+        self.on_attempt = on_attempt
+        self._limits = {name: asyncio.Semaphore(b.spec.max_concurrency) for name, b in config.backends.items()}
+
+    async def dispatch(self, request: ImageRequest, timing: RequestTiming, max_cost_usd: float | None) -> Served:
+        """Serve ``request`` or raise ``DispatchFailed``."""
+        route_name = None
+        attempts: list[AttemptRecord] = []
+        try:
+            plan = router.plan(request, self.config, self.stats.snapshot(), time.monotonic(), max_cost_usd)
+            route_name = plan.route.name
+            return await self._fallback_chain(request, plan, timing, attempts)
+        except ImagegateError as exc:
+            raise DispatchFailed(exc, route_name, tuple(attempts)) from None
+
+    async def _fallback_chain(
+        self, request: ImageRequest, plan: router.Plan, timing: RequestTiming, attempts: list[AttemptRecord]
+    ) -> Served:
+        last: ImagegateError | None = None
+        for cand in plan.candidates:
+            req = dataclasses.replace(request, options=cand.options) if cand.options else request
+            try:
+                result = await self._with_retries(req, cand.backend, timing, attempts)
+            except ImagegateError as exc:
+                last = exc
+                if not exc.fallback:
+                    raise
+                if request.remaining() is not None and request.remaining() <= 0:
+                    break
+                continue
+            cost = settle(self.config.backends[cand.backend].cost, req, result.usage)
+            tier = plan.tier.name if plan.tier else None
+            return Served(result, cand.backend, plan.route.name, tier, cost, tuple(attempts))
+        raise self._exhausted(attempts, last, request)
+
+    async def _with_retries(
+        self, request: ImageRequest, name: str, timing: RequestTiming, attempts: list[AttemptRecord]
+    ) -> ImageResult:
+        server = self.config.server
+        tries = 0
+        while True:
+            try:
+                return await self._attempt(request, name, timing, attempts)
+            except BackendError as exc:
+                tries += 1
+                if not exc.retry_same or tries > server.max_retries:
+                    raise
+                wait = exc.retry_after if exc.retry_after is not None else server.retry_backoff_s * tries
+                remaining = request.remaining()
+                # Honour Retry-After only when it fits: otherwise fall back now rather than sleep past the deadline.
+                if wait > server.max_retry_after_s or (remaining is not None and wait >= remaining):
+                    raise
+                await asyncio.sleep(wait)
+
+    async def _attempt(
+        self, request: ImageRequest, name: str, timing: RequestTiming, attempts: list[AttemptRecord]
+    ) -> ImageResult:
+        backend = self.backends[name]
+        limit = self._limits[name]
+        clock = StageClock()
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            if limit.locked():
+                raise BackendOverloaded(f"{name}: at max_concurrency={backend.spec.max_concurrency}")
+            timeout = backend.spec.timeouts.total
+            remaining = request.remaining()
+            if remaining is not None:
+                if remaining <= 0:
+                    raise DeadlineExceeded("the request deadline passed before this attempt")
+                timeout = min(timeout, remaining)
+            async with limit:
+                try:
+                    async with asyncio.timeout(timeout):
+                        result = await backend.generate(request, clock)
+                except TimeoutError:
+                    raise BackendTimeout(f"{name}: no answer within {timeout:.1f}s") from None
+            if len(result.images) != request.n:
+                raise BackendFailed(f"{name}: returned {len(result.images)} images, {request.n} asked")
+            self.stats.record_success(name, time.perf_counter() - started, request.n)
+            return result
+        except ImagegateError as exc:
+            outcome = exc.outcome
+            if isinstance(exc, BackendError) and exc.fallback:
+                self.stats.record_failure(name)
+            attempts.append(AttemptRecord(name, exc.outcome, exc.message))
+            raise
+        except asyncio.CancelledError:
+            outcome = "gateway.client_disconnected"
+            raise
+        except Exception as exc:  # a backend bug: contain it, report it as that backend's failure
+            outcome = "backend.backend_failed"
+            self.stats.record_failure(name)
+            message = f"{name}: unexpected {type(exc).__name__}: {scrub(str(exc), self.config.secrets)}"
+            attempts.append(AttemptRecord(name, outcome, message))
+            raise BackendFailed(message) from None
+        finally:
+            timing.absorb(clock)
+            if self.on_attempt is not None:
+                self.on_attempt(name, outcome, clock.backend_s)
+
+    def _exhausted(
+        self, attempts: list[AttemptRecord], last: ImagegateError | None, request: ImageRequest
+    ) -> ImagegateError:
+        if isinstance(last, CallerError):
+            return last
+        tried = "; ".join(f"{a.backend}: {a.message}" for a in attempts) or "no attempt was made"
+        remaining = request.remaining()
+        if remaining is not None and remaining <= 0:
+            return DeadlineExceeded(f"deadline exceeded after {len(attempts)} attempt(s): {tried}")
+        if attempts and all(a.outcome == _OVERLOADED for a in attempts):
+            return AllCandidatesOverloaded(f"every backend is overloaded: {tried}",
+                                           retry_after=getattr(last, "retry_after", None))
+        return AllCandidatesFailed(f"every backend failed: {tried}")

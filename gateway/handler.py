@@ -1,0 +1,233 @@
+"""``POST /v1/images/generations`` as a raw ASGI handler: the gateway's hot path.
+
+Raw ASGI rather than a Starlette endpoint because every microsecond here is overhead the gateway adds to
+every request (request/response object construction, middleware stacks). The path, one way:
+
+    receive body (size-capped) → parse (api) → dispatch (router + policy + backend), watching for the
+    client going away → transcode if the client asked another format (thread) → render (api) → headers
+    (timing closed here) → send → one log line + metrics
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from backends.base import Image, ImageRequest
+from backends.imaging import transcode
+from gateway import api
+from gateway.dispatch import DispatchFailed, Dispatcher, Served
+from gateway.errors import (
+    AttemptRecord,
+    ClientDisconnected,
+    ImagegateError,
+    InternalError,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from gateway.images import ImageStore
+from gateway.metrics import Metrics
+from gateway.timing import RequestTiming
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_JSON = (b"content-type", b"application/json")
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class GenerationsHandler:
+    def __init__(
+        self,
+        *,
+        dispatcher: Dispatcher,
+        metrics: Metrics,
+        images: ImageStore,
+        log: Any,
+        base_url: Callable[[dict[str, Any]], str],
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.config = dispatcher.config
+        self.metrics = metrics
+        self.images = images
+        self.log = log
+        self.base_url = base_url
+        tao = self.config.server.timing_allow_origin
+        self._static_headers = [_JSON] + ([(b"timing-allow-origin", tao.encode("latin-1"))] if tao else [])
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        timing = RequestTiming()
+        server = self.config.server
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        incoming_id = headers.get("x-request-id")
+        request_id = incoming_id if incoming_id and _REQUEST_ID.match(incoming_id) else uuid.uuid4().hex
+        request: ImageRequest | None = None
+        served: Served | None = None
+        error: ImagegateError | None = None
+        route: str | None = None
+        attempts: tuple[AttemptRecord, ...] = ()
+        try:
+            body = await self._read_body(headers, receive, server.max_body_bytes)
+            parsed = api.parse_generation(
+                body, headers, default_size=server.default_size, request_id=request_id,
+                deadline=time.monotonic() + server.default_deadline_s,
+            )
+            request = parsed.request
+            served = await self._dispatch_watching(request, timing, parsed.max_cost_usd, receive)
+            route, attempts = served.route, served.attempts
+            payload = await self._render(served, request, scope)
+            status = 200
+        except _Disconnected:
+            error = ClientDisconnected("the client went away before the answer was ready")
+            self._finish(timing, request_id, request, None, error, route, attempts)
+            return
+        except DispatchFailed as exc:
+            error, route, attempts = exc.error, exc.route, exc.attempts
+        except ImagegateError as exc:
+            error = exc
+        except Exception:  # never a traceback in a response; the log line says what happened
+            self.log.exception("unhandled_error", request_id=request_id)
+            error = InternalError("internal error; see the gateway log for request id " + request_id)
+        if error is not None:
+            status, payload = error.status, api.render_error(error)
+
+        out = list(self._static_headers)
+        out.append((b"x-request-id", request_id.encode("latin-1")))
+        out.append((b"x-route", (route or "none").encode()))
+        out.append((b"x-backend", (served.backend if served else (attempts[-1].backend if attempts else "none")).encode()))
+        out.append((b"x-attempts", str(len(attempts) + (1 if served else 0)).encode()))
+        if served is not None:
+            out.append((b"x-cost-usd", b"unknown" if served.cost_usd is None else f"{served.cost_usd:.6f}".encode()))
+            if served.tier:
+                out.append((b"x-tier", served.tier.encode()))
+        else:
+            out.append((b"x-cost-usd", b"unknown" if attempts else b"0"))
+        if error is not None and error.retry_after is not None:
+            out.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
+        out.append((b"content-length", str(len(payload)).encode()))
+        timing.close()  # everything from here on is the server's own send
+        out.append((b"server-timing", timing.server_timing().encode()))
+        out.append((b"x-gateway-overhead-ms", f"{timing.gateway_s * 1e3:.3f}".encode()))
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        await send({"type": "http.response.body", "body": payload})
+        self._finish(timing, request_id, request, served, error, route, attempts)
+
+    async def _read_body(self, headers: dict[str, str], receive: Any, limit: int) -> bytes:
+        ctype = headers.get("content-type")
+        if ctype is not None and ctype.split(";", 1)[0].strip().lower() != "application/json":
+            raise UnsupportedMediaType(f"Content-Type must be application/json, got {ctype[:60]!r}")
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise InvalidRequest("invalid Content-Length")
+            if int(declared) > limit:
+                raise PayloadTooLarge(f"request body over the {limit}-byte limit")
+        message = await receive()
+        body = message.get("body", b"")
+        if not message.get("more_body"):
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            return body
+        chunks = [body]
+        size = len(body)
+        while message.get("more_body"):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body over the {limit}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _dispatch_watching(
+        self, request: ImageRequest, timing: RequestTiming, max_cost: float | None, receive: Any
+    ) -> Served:
+        """Run the dispatch; if the client disconnects meanwhile, cancel it (which cancels remote work)."""
+        work = asyncio.ensure_future(self.dispatcher.dispatch(request, timing, max_cost))
+        gone = False
+
+        async def watch() -> None:
+            nonlocal gone
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    gone = True
+                    work.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if gone:
+                raise _Disconnected from None
+            raise
+        finally:
+            watcher.cancel()
+
+    async def _render(self, served: Served, request: ImageRequest, scope: dict[str, Any]) -> bytes:
+        images = served.result.images
+        wanted, compression = request.output_format, request.output_compression
+        if any(img.url is None and (img.format != wanted or compression is not None) for img in images):
+            images = tuple(await asyncio.gather(*(self._convert(img, wanted, compression) for img in images)))
+        if request.response_format != "url":
+            return api.render_images(images, "b64_json", _no_url)
+        base = self.base_url(scope)
+        return api.render_images(images, "url", lambda img: self._url_for(img, base))
+
+    @staticmethod
+    async def _convert(image: Image, fmt: str, compression: int | None) -> Image:
+        if image.url is not None or (image.format == fmt and compression is None):
+            return image
+        data = await asyncio.to_thread(transcode, image.as_bytes(), fmt, compression)
+        return Image(format=fmt, data=data, revised_prompt=image.revised_prompt)
+
+    def _url_for(self, image: Image, base: str) -> str:
+        if image.url is not None:
+            return image.url
+        return f"{base}/v1/images/files/{self.images.put(image.as_bytes(), image.format)}"
+
+    def _finish(
+        self,
+        timing: RequestTiming,
+        request_id: str,
+        request: ImageRequest | None,
+        served: Served | None,
+        error: ImagegateError | None,
+        route: str | None,
+        attempts: tuple[AttemptRecord, ...],
+    ) -> None:
+        outcome = "ok" if error is None else error.outcome
+        backend = served.backend if served else ""
+        images = len(served.result.images) if served else 0
+        fallback = bool(served and served.attempts)
+        self.metrics.observe_request(route or "none", backend or "none", outcome, timing.total_s,
+                                     timing.gateway_s, served.cost_usd if served else None, images, fallback)
+        if not self.config.server.access_log:
+            return
+        fields: dict[str, Any] = {
+            "request_id": request_id, "route": route, "backend": backend or None, "outcome": outcome,
+            "status": 200 if error is None else error.status, "attempts": len(attempts) + (1 if served else 0),
+            "total_ms": round(timing.total_s * 1e3, 3), "gateway_ms": round(timing.gateway_s * 1e3, 3),
+            "backend_ms": round(timing.backend_s * 1e3, 3),
+            "cost_usd": served.cost_usd if served else None, "images": images,
+        }
+        if request is not None:
+            fields.update(size=request.size, n=request.n, tier=served.tier if served else request.tier)
+            if self.config.server.log_prompts:
+                fields["prompt"] = request.prompt
+        if error is not None:
+            fields["error"] = error.message
+        self.log.info("request", **fields)
+
+
+def _no_url(image: Image) -> str:  # pragma: no cover - only called for response_format=url
+    raise AssertionError("url rendering without a store")

@@ -1,0 +1,54 @@
+"""A small real cog predictor for the cog backend tests: SDXL-shaped inputs, small PNG/JPEG/WebP outputs.
+
+Runs inside cog's own HTTP server (``python -m cog.server.http``, ``COG_PREDICT_TYPE_STUB=predict.py:Predictor``)
+in the cog venv, not in the gateway's. Behaviour on demand, keyed by the prompt, so tests can drive every
+path of the real server: ``"fail"`` raises (cog answers 200 with ``status: failed``), ``"slow"`` sleeps
+``sleep`` seconds (to hold the single prediction slot: concurrent requests get 409, and the client can
+cancel it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import List
+
+from cog import BasePredictor, Input, Path
+from PIL import Image
+
+
+class Predictor(BasePredictor):
+    def setup(self) -> None:
+        self.calls = 0
+
+    def predict(
+        self,
+        prompt: str = Input(description="What to draw"),
+        negative_prompt: str = Input(default="", description="What not to draw"),
+        width: int = Input(default=64, ge=8, le=512),
+        height: int = Input(default=64, ge=8, le=512),
+        num_outputs: int = Input(default=1, ge=1, le=4),
+        num_inference_steps: int = Input(default=4, ge=1, le=50),
+        guidance_scale: float = Input(default=5.0, ge=0.0, le=20.0),
+        seed: int = Input(default=None),
+        output_format: str = Input(default="png", choices=["png", "jpg", "webp"]),
+        sleep: float = Input(default=0.0, ge=0.0, le=30.0),
+    ) -> List[Path]:
+        self.calls += 1
+        if "fail" in prompt:
+            raise RuntimeError("the model could not draw this prompt")
+        if "slow" in prompt or sleep:
+            # Sleep in small steps: cog cancels a running prediction by interrupting the worker.
+            end = time.monotonic() + (sleep or 5.0)
+            while time.monotonic() < end:
+                time.sleep(0.05)
+        outputs = []
+        for index in range(num_outputs):
+            # Deterministic colour from prompt, seed and index, so tests can tell the outputs apart.
+            digest = hashlib.sha256(f"{prompt}|{seed}|{index}".encode()).digest()
+            image = Image.new("RGB", (width, height), tuple(digest[:3]))
+            extension = {"jpg": "jpg", "png": "png", "webp": "webp"}[output_format]
+            path = Path(f"/tmp/cog-out-{time.monotonic_ns()}-{index}.{extension}")
+            image.save(path, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[output_format])
+            outputs.append(path)
+        return outputs
