@@ -46,7 +46,7 @@ class RequestTiming:
         """``Server-Timing`` value: gateway, backend, total, then the backend's stages (milliseconds)."""
         parts = [
             f"gateway;dur={self.gateway_s * 1e3:.3f};desc=\"gateway overhead\"",
-            f"backend;dur={self.backend_s * 1e3:.3f};desc=\"awaiting backends, all attempts\"",
+            f"backend;dur={self.backend_s * 1e3:.3f};desc=\"awaiting backends (all attempts)\"",
             f"total;dur={self.total_s * 1e3:.3f}",
         ]
         parts.extend(f"{name};dur={seconds * 1e3:.3f}" for name, seconds in self.stages.items())

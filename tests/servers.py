@@ -91,3 +91,17 @@ def run_process(
             proc.wait(timeout=5)
         if log:
             log.close()
+
+
+@contextlib.contextmanager
+def serve_gateway(config, backends=None, *, ready_timeout: float = 60.0) -> Iterator[str]:
+    """Serve an imagegate gateway built from ``config`` and wait until ``/readyz`` says ready."""
+    from gateway.app import create_app
+
+    with serve_app(create_app(config, backends)) as base:
+        deadline = time.monotonic() + ready_timeout
+        while httpx.get(base + "/readyz", timeout=5).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gateway not ready after {ready_timeout}s: {httpx.get(base + '/readyz').text}")
+            time.sleep(0.05)
+        yield base

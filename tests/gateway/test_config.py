@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import load_config, load_config_text
+from gateway.errors import ConfigError
+
+BASE = """
+backends:
+  up:
+    type: openai
+    quality: 0.7
+    cost: {per_image: 0.02}
+    settings: {base_url: "http://127.0.0.1:9/v1", api_key: "${TEST_KEY}"}
+tiers:
+  standard: {quality_floor: 0.5, latency_budget_s: 30}
+routes:
+  - name: default
+    candidates: [{backend: up}]
+default_tier: standard
+"""
+
+
+def test_parses_into_frozen_typed_objects(monkeypatch):
+    monkeypatch.setenv("TEST_KEY", "sk-live-abcdef123456")
+    cfg = load_config_text(BASE, "routes.yaml")
+    up = cfg.backends["up"]
+    assert up.type == "openai" and up.quality == 0.7 and up.cost.per_image == 0.02
+    assert up.spec.settings.api_key == "sk-live-abcdef123456"
+    assert cfg.tiers["standard"].latency_budget_s == 30.0
+    assert cfg.routes[0].strategy == "fallback"
+    with pytest.raises(AttributeError):
+        cfg.server.port = 1  # type: ignore[misc]
+    assert "sk-live-abcdef123456" in cfg.secrets
+
+
+def test_redacted_view_never_shows_secrets(monkeypatch):
+    monkeypatch.setenv("TEST_KEY", "sk-live-abcdef123456")
+    doc = BASE.replace('settings: {base_url', 'settings: {extra_headers: {x-api-key: "literal-secret-999"}, base_url')
+    cfg = load_config_text(doc, "routes.yaml")
+    text = repr(cfg.redacted())
+    assert "sk-live-abcdef123456" not in text and "literal-secret-999" not in text
+    assert "${TEST_KEY}" in text
+
+
+@pytest.mark.parametrize(
+    ("mutate", "path", "reason"),
+    [
+        (lambda d: d.replace("quality: 0.7", "qualty: 0.7"), "backends.up.qualty", "unknown key"),
+        (lambda d: d.replace("quality: 0.7", "quality: 7"), "backends.up.quality", "between 0 and 1"),
+        (lambda d: d.replace("type: openai", "type: dalle"), "backends.up.type", "unknown backend type"),
+        (lambda d: d.replace("base_url:", "base_ur:"), "backends.up.settings.base_ur", "unknown key"),
+        (lambda d: d.replace("{backend: up}", "{backend: nope}"), "routes[0].candidates[0].backend", "no backend"),
+        (lambda d: d.replace("default_tier: standard", "default_tier: gold"), "default_tier", "not a tier"),
+        (lambda d: d.replace("per_image: 0.02", "per_image: cheap"), "backends.up.cost.per_image", "number"),
+        (lambda d: d + "\nextra: 1\n", "extra", "unknown key"),
+        (lambda d: d.replace("    candidates: [{backend: up}]", "    candidates: []"), "routes[0].candidates",
+         "at least one"),
+        (lambda d: d.replace("name: default", "name: default\n    strategy: random"), "routes[0].strategy",
+         "must be one of"),
+    ],
+)
+def test_invalid_config_names_file_key_and_reason(monkeypatch, mutate, path, reason):
+    monkeypatch.setenv("TEST_KEY", "k")
+    with pytest.raises(ConfigError) as err:
+        load_config_text(mutate(BASE), "my-routes.yaml")
+    assert err.value.source == "my-routes.yaml"
+    assert err.value.path == path
+    assert reason in err.value.reason
+    assert str(err.value).startswith("my-routes.yaml: ")
+
+
+def test_missing_environment_variable_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TEST_KEY", raising=False)
+    with pytest.raises(ConfigError) as err:
+        load_config_text(BASE, "r.yaml")
+    assert err.value.path == "backends.up.settings.api_key"
+    assert "TEST_KEY is not set" in err.value.reason
+
+
+OPTIONAL = """
+backends:
+  up:
+    type: openai
+    settings: {base_url: "http://127.0.0.1:9/v1", api_key: "${TEST_KEY:-}"}
+  paid:
+    type: openai
+    enabled_if_env: OPTIONAL_KEY
+    settings: {base_url: "http://127.0.0.1:9/v1", api_key: "${OPTIONAL_KEY}"}
+routes:
+  - name: default
+    candidates: [{backend: up}, {backend: paid}]
+"""
+
+
+def test_env_default_and_enabled_if_env(monkeypatch):
+    monkeypatch.delenv("OPTIONAL_KEY", raising=False)
+    monkeypatch.delenv("TEST_KEY", raising=False)
+    cfg = load_config_text(OPTIONAL, "r.yaml")
+    assert cfg.backends["up"].spec.settings.api_key == ""
+    assert "paid" not in cfg.backends and "OPTIONAL_KEY" in cfg.disabled["paid"]
+    assert [c.backend for c in cfg.routes[0].candidates] == ["up"]
+    monkeypatch.setenv("OPTIONAL_KEY", "sk-opt-0000000")
+    cfg = load_config_text(OPTIONAL, "r.yaml")
+    assert [c.backend for c in cfg.routes[0].candidates] == ["up", "paid"]
+
+
+def test_invalid_yaml_reports_line(tmp_path):
+    path = tmp_path / "routes.yaml"
+    path.write_text("backends: [\n  oops: {\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.source == str(path) and "line" in err.value.path
+
+
+def test_repo_default_config_is_valid():
+    cfg = load_config("routes.yaml")
+    assert cfg.routes and cfg.tiers

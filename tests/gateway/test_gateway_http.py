@@ -1,0 +1,286 @@
+"""The gateway end to end over real HTTP on 127.0.0.1: fallback on every retryable failure class, none
+on caller errors, truthful headers, no secrets anywhere, metrics that count."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import orjson
+import pytest
+import structlog
+from PIL import Image as PILImage
+
+from gateway.config import load_config_text
+from tests.fakes.openai_stub import OpenAIStub
+from tests.fakes.raw_server import serve_raw
+from tests.servers import free_port, serve_app, serve_gateway
+
+SECRET = "sk-test-SECRET-0123456789abcdef"
+
+
+def config(bad_url: str, good_url: str, *, extra: str = "", strategy: str = "fallback", cooldown: int = 0):
+    return load_config_text(f"""
+server: {{max_body_bytes: 4096, default_deadline_s: 20, max_retries: 1, retry_backoff_s: 0.01,
+          timing_allow_origin: "*", cooldown_failures: {cooldown}, cooldown_s: 30}}
+backends:
+  bad:
+    type: openai
+    cost: {{per_image: 0.04}}
+    timeouts: {{connect: 1, read: 0.4, total: 2}}
+    settings: {{base_url: "{bad_url}/v1", api_key: "{SECRET}"}}
+  good:
+    type: openai
+    cost: {{per_megapixel: 0.01}}
+    settings: {{base_url: "{good_url}/v1"}}
+  unpriced:
+    type: openai
+    settings: {{base_url: "{good_url}/v1"}}
+tiers:
+  standard: {{quality_floor: 0.0}}
+routes:
+  - name: free
+    match: {{models: [free]}}
+    candidates: [{{backend: unpriced}}]
+  - name: main
+    strategy: {strategy}
+    candidates: [{{backend: bad}}, {{backend: good}}]
+default_tier: standard
+{extra}
+""", "test-routes.yaml")
+
+
+@pytest.fixture(scope="module")
+def stubs():
+    bad, good = OpenAIStub(), OpenAIStub()
+    with serve_app(bad) as bad_url, serve_app(good) as good_url:
+        yield bad, bad_url, good, good_url
+
+
+@pytest.fixture(scope="module")
+def gateway(stubs):
+    bad, bad_url, good, good_url = stubs
+    with serve_gateway(config(bad_url, good_url)) as base:
+        yield base
+
+
+@pytest.fixture(autouse=True)
+def reset(stubs):
+    bad, _, good, _ = stubs
+    bad.script.clear(), good.script.clear(), bad.seen.clear(), good.seen.clear()
+
+
+def post(base: str, body: dict | bytes, **kw) -> httpx.Response:
+    if isinstance(body, dict):
+        return httpx.post(base + "/v1/images/generations", json=body, timeout=30, **kw)
+    return httpx.post(base + "/v1/images/generations", content=body, timeout=30, **kw)
+
+
+def server_timing(resp: httpx.Response) -> dict[str, float]:
+    out = {}
+    for part in resp.headers["server-timing"].split(","):
+        name, *params = [p.strip() for p in part.split(";")]
+        out[name] = float(next(p for p in params if p.startswith("dur="))[4:])
+    return out
+
+
+def assert_consistent_headers(resp: httpx.Response) -> None:
+    st = server_timing(resp)
+    assert st["gateway"] + st["backend"] == pytest.approx(st["total"], abs=0.01)
+    assert float(resp.headers["x-gateway-overhead-ms"]) == pytest.approx(st["gateway"], abs=0.001)
+    for name in ("x-request-id", "x-backend", "x-route", "x-attempts", "x-cost-usd"):
+        assert name in resp.headers
+    assert resp.headers["timing-allow-origin"] == "*"
+
+
+def test_success_headers_and_body(gateway, stubs):
+    resp = post(gateway, {"prompt": "a cat", "size": "512x512"}, headers={"x-request-id": "abc-123"})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-request-id"] == "abc-123"
+    assert resp.headers["x-backend"] == "bad" and resp.headers["x-attempts"] == "1"
+    assert resp.headers["x-cost-usd"] == "0.040000"
+    assert resp.headers["x-route"] == "main"
+    assert_consistent_headers(resp)
+    data = orjson.loads(resp.content)["data"]
+    assert PILImage.open(io.BytesIO(base64.b64decode(data[0]["b64_json"]))).format == "PNG"
+
+
+@pytest.mark.parametrize(
+    "failure", ["status:500", "status:503", "retry-after:0", "hang:1.0", "badjson", "status:401"]
+)
+def test_falls_back_on_each_retryable_failure(gateway, stubs, failure):
+    bad, _, good, _ = stubs
+    bad.script.extend([failure, failure])
+    resp = post(gateway, {"prompt": "a cat", "size": "512x512"})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-backend"] == "good"
+    assert int(resp.headers["x-attempts"]) >= 2
+    assert resp.headers["x-cost-usd"] == f"{0.01 * 512 * 512 / 1e6:.6f}"
+    assert_consistent_headers(resp)
+
+
+def test_retry_after_is_honoured_on_the_same_backend(gateway, stubs):
+    bad, _, good, _ = stubs
+    bad.script.extend(["retry-after:0"])
+    resp = post(gateway, {"prompt": "a cat"})
+    assert resp.status_code == 200
+    assert resp.headers["x-backend"] == "bad" and resp.headers["x-attempts"] == "2"
+    assert len(good.seen) == 0
+
+
+def test_connection_refused_and_reset_mid_body_fall_back(stubs):
+    _, _, good, good_url = stubs
+    dead = f"http://127.0.0.1:{free_port()}"
+    with serve_gateway(config(dead, good_url)) as base:
+        resp = post(base, {"prompt": "a cat"})
+        assert resp.status_code == 200 and resp.headers["x-backend"] == "good"
+        assert resp.headers["x-attempts"] == "3"  # refused twice (connect errors are safe to retry), then good
+    lie = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5000\r\n\r\n{\"data\": ["
+    with serve_raw(lie) as liar, serve_gateway(config(liar, good_url)) as base:
+        resp = post(base, {"prompt": "a cat"})
+        assert resp.status_code == 200 and resp.headers["x-backend"] == "good"
+        assert resp.headers["x-attempts"] == "2"  # broken mid-body: may have run, not retried on the same
+
+
+def test_caller_error_from_a_backend_does_not_fall_back(gateway, stubs):
+    bad, _, good, _ = stubs
+    bad.script.append("status:400")
+    resp = post(gateway, {"prompt": "a cat"})
+    assert resp.status_code == 422
+    err = orjson.loads(resp.content)["error"]
+    assert err["code"] == "backend_rejected" and "upstream says 400" in err["message"]
+    assert len(good.seen) == 0
+    assert_consistent_headers(resp)
+
+
+def test_all_failed_lists_attempts_without_secrets(gateway, stubs):
+    bad, _, good, _ = stubs
+    bad.script.extend(["status:500", "status:500"])
+    good.script.extend(["status:502"])
+    resp = post(gateway, {"prompt": "a cat"})
+    assert resp.status_code == 502
+    err = orjson.loads(resp.content)["error"]
+    assert err["code"] == "all_backends_failed"
+    assert "bad: HTTP 500" in err["message"] and "good: HTTP 502" in err["message"]
+    assert SECRET not in resp.text and SECRET not in str(resp.headers)
+    assert_consistent_headers(resp)
+    # The upstream did receive the key: it is used, just never shown.
+    assert bad.headers_seen[-1]["authorization"] == f"Bearer {SECRET}"
+
+
+def test_all_overloaded_is_503_with_retry_after(gateway, stubs):
+    bad, _, good, _ = stubs
+    bad.script.extend(["status:503", "status:503"])
+    good.script.extend(["retry-after:3", "retry-after:3"])
+    resp = post(gateway, {"prompt": "a cat"})
+    assert resp.status_code == 503
+    assert orjson.loads(resp.content)["error"]["code"] == "all_backends_overloaded"
+    assert resp.headers["retry-after"] == "3"
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "code"),
+    [
+        (b"{bad", {"content-type": "application/json"}, 400, "invalid_request"),
+        ({"prompt": ""}, {}, 400, "invalid_request"),
+        ({"prompt": "x", "n": 50}, {}, 400, "invalid_request"),
+        ({"prompt": "x", "size": "12x"}, {}, 400, "invalid_request"),
+        ({"prompt": "x", "model": "dall-e-9"}, {}, 404, "model_not_found"),
+        ({"prompt": "x", "tier": "gold"}, {}, 400, "invalid_request"),
+        ({"prompt": "x" * 5000}, {}, 413, "payload_too_large"),
+        (b"prompt=x", {"content-type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
+        ({"prompt": "x", "max_cost_usd": 0.000001}, {}, 402, "budget_exceeded"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_4xx(gateway, stubs, body, headers, status, code):
+    bad, _, good, _ = stubs
+    resp = post(gateway, body, headers=headers)
+    assert resp.status_code == status, resp.text
+    err = orjson.loads(resp.content)["error"]
+    assert err["code"] == code and err["message"] and err["type"] == "invalid_request_error"
+    assert "Traceback" not in resp.text
+    assert_consistent_headers(resp)
+    assert not bad.seen and not good.seen
+
+
+def test_unknown_price_is_reported_as_unknown(gateway):
+    resp = post(gateway, {"prompt": "a cat", "model": "free"})
+    assert resp.status_code == 200 and resp.headers["x-cost-usd"] == "unknown"
+
+
+def test_output_format_is_transcoded_and_url_responses_served(gateway):
+    resp = post(gateway, {"prompt": "a cat", "output_format": "jpeg", "response_format": "url"})
+    assert resp.status_code == 200
+    url = orjson.loads(resp.content)["data"][0]["url"]
+    assert url.startswith(gateway + "/v1/images/files/")
+    img = httpx.get(url)
+    assert img.headers["content-type"] == "image/jpeg"
+    assert PILImage.open(io.BytesIO(img.content)).format == "JPEG"
+    assert httpx.get(gateway + "/v1/images/files/nope.png").status_code == 404
+
+
+def test_openai_sdk_talks_to_the_gateway(gateway):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(prompt="a cat", size="1024x1024", extra_headers={"X-Imagegate-Seed": "3"})
+    assert result.data[0].b64_json
+    with pytest.raises(openai.BadRequestError) as err:
+        client.images.generate(prompt="a cat", n=20)
+    assert "between 1 and 10" in str(err.value)
+
+
+def test_metrics_count_requests_attempts_and_spend(gateway, stubs):
+    bad, _, _, _ = stubs
+    bad.script.extend(["status:500", "status:500"])
+    post(gateway, {"prompt": "a cat"})
+    text = httpx.get(gateway + "/metrics").text
+    assert 'imagegate_requests_total{backend="good",outcome="ok",route="main"}' in text
+    assert 'imagegate_backend_attempts_total{backend="bad",outcome="backend.backend_failed"}' in text
+    assert 'imagegate_fallbacks_total{route="main"}' in text
+    assert "imagegate_estimated_spend_usd_total" in text
+    assert 'imagegate_gateway_overhead_seconds_bucket{le="0.0005",route="main"}' in text
+    assert 'imagegate_backend_ready{backend="good"} 1.0' in text
+    assert "a cat" not in text and SECRET not in text
+
+
+def test_one_json_log_line_per_request_without_prompt_or_secret(gateway, stubs):
+    bad, _, _, _ = stubs
+    bad.script.extend(["status:500", "status:500"])
+    with structlog.testing.capture_logs() as logs:
+        post(gateway, {"prompt": "a very secret prompt"})
+    lines = [entry for entry in logs if entry["event"] == "request"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["backend"] == "good" and line["attempts"] == 2 and line["status"] == 200
+    assert line["gateway_ms"] >= 0 and line["backend_ms"] > 0 and line["cost_usd"] > 0
+    assert "a very secret prompt" not in repr(logs) and SECRET not in repr(logs)
+
+
+def test_health_models_config_endpoints(gateway):
+    assert httpx.get(gateway + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(gateway + "/readyz").json()
+    assert ready["ready"] and ready["backends"]["good"]["state"] == "started"
+    models = httpx.get(gateway + "/v1/models").json()
+    ids = {m["id"]: m for m in models["data"]}
+    assert set(ids) == {"free", "standard"}
+    assert {b["name"] for b in ids["standard"]["backends"]} == {"bad", "good"}
+    cfg = httpx.get(gateway + "/v1/config")
+    assert cfg.status_code == 200 and SECRET not in cfg.text
+    resp = httpx.get(gateway + "/nope")
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
+    resp = httpx.get(gateway + "/v1/images/generations")
+    assert resp.status_code == 405 and resp.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_repeated_failures_cool_a_backend_down(stubs):
+    bad, bad_url, good, good_url = stubs
+    with serve_gateway(config(bad_url, good_url, cooldown=2)) as base:
+        bad.script.extend(["status:500"] * 4)
+        for _ in range(2):
+            assert post(base, {"prompt": "a cat"}).headers["x-backend"] == "good"
+        served_by_bad = len(bad.seen)
+        resp = post(base, {"prompt": "a cat"})
+        # Demoted: good is tried first now, bad is not even attempted.
+        assert resp.headers["x-backend"] == "good" and resp.headers["x-attempts"] == "1"
+        assert len(bad.seen) == served_by_bad
