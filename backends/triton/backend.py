@@ -16,27 +16,52 @@ import httpx
 import numpy as np
 from PIL import Image as PILImage
 
-from backends.base import BackendSpec, Image, ImageRequest, ImageResult, Load, LoadCounter, StageClock, Usage
+from backends.base import (
+    OUTPUT_FORMATS,
+    BackendSpec,
+    Image,
+    ImageRequest,
+    ImageResult,
+    Load,
+    LoadCounter,
+    StageClock,
+    Usage,
+)
 from backends.http import make_client, raise_for_status, send
-from backends.triton.codec import CodecError, decode_response, encode_png, encode_request, infer_path, ready_path
-from backends.triton.codec import split_calls
+from backends.triton.codec import (
+    CodecError,
+    decode_response,
+    encode_array,
+    encode_request,
+    infer_path,
+    ready_path,
+    split_calls,
+)
 from backends.triton.config import Settings
 from gateway.errors import BackendProtocolError, BackendUnavailable
 
 log = logging.getLogger(__name__)
 
 
-def _decode_and_encode(headers: httpx.Headers, body: bytes, settings: Settings) -> list[tuple[Image, int]]:
-    """Worker-thread half of a call: tensor → images, with each image's pixel count. CPU-bound: parsing a
-    JSON array of a megapixel image and PNG encoding each take tens of milliseconds."""
+def output_format(request: ImageRequest) -> str:
+    """The format to encode a raw tensor into. The client's format directly when the gateway would keep
+    it as is (saves it a decode/encode round trip); lossless PNG when the client set
+    ``output_compression``, because the gateway then re-encodes once with that compression itself."""
+    if request.output_compression is None and request.output_format in OUTPUT_FORMATS:
+        return request.output_format
+    return "png"
+
+
+def _decode_and_encode(headers: httpx.Headers, body: bytes, settings: Settings, fmt: str) -> list[tuple[Image, int]]:
+    """Worker-thread half of a call: tensor → encoded images, with each image's pixel count. CPU-bound:
+    parsing a JSON array of a megapixel image and encoding it each take tens of milliseconds."""
     out: list[tuple[Image, int]] = []
     for item in decode_response(headers, body, settings):
         if isinstance(item, Image):
-            out.append((item, _pixels_of(item)))
+            out.append((item, _pixels_of(item)))  # already encoded by the model: passed through as is
         else:
             assert isinstance(item, np.ndarray)
-            data = encode_png(item, settings.png_compress_level)
-            out.append((Image(format="png", data=data), item.shape[0] * item.shape[1]))
+            out.append((Image(format=fmt, data=encode_array(item, fmt)), item.shape[0] * item.shape[1]))
     return out
 
 
@@ -169,6 +194,8 @@ class TritonBackend:
         # 503 queue full (no Retry-After). MLServer: 422 for a body it cannot validate.
         raise_for_status(response, backend=self.spec.name, secrets=self._secrets)
         try:
-            return await asyncio.to_thread(_decode_and_encode, response.headers, response.content, self.settings)
+            return await asyncio.to_thread(
+                _decode_and_encode, response.headers, response.content, self.settings, output_format(request)
+            )
         except CodecError as exc:
             raise BackendProtocolError(f"{self.spec.name}: {exc}") from None

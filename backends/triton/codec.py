@@ -5,7 +5,7 @@
   with Triton's binary tensor extension (JSON header + raw tensor bytes, ``Inference-Header-Content-Length``).
 * ``decode_response``: infer response (JSON or binary, after content decoding) → list of ``[H, W, C]``
   uint8 arrays, or encoded ``Image``s when the model returns encoded image bytes (a BYTES tensor).
-* ``encode_png``: array → PNG bytes (CPU work: run it in a worker thread).
+* ``encode_array``: array → PNG/JPEG/WebP bytes (CPU work: run it in a worker thread).
 
 Errors in what the server sent raise ``CodecError``; the backend reports them as protocol errors.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import io
 import math
 import struct
 from collections.abc import Mapping
@@ -24,7 +23,9 @@ from urllib.parse import quote
 
 import numpy as np
 import orjson
+from PIL import Image as PILImage
 
+from backends import imaging
 from backends.base import Image, ImageRequest
 from backends.http import sniff_format
 from backends.triton.config import Settings
@@ -307,12 +308,8 @@ def decode_response(headers: Mapping[str, str], body: bytes, settings: Settings)
     return list(to_images(_numeric(found, raw), settings.layout, settings.output_scale))
 
 
-def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
-    """PNG bytes of an ``[H, W, C]`` uint8 array. Level 1 is several times faster than Pillow's default
-    6 for a few percent more bytes; these are transport bytes, usually re-encoded by the client anyway."""
-    from PIL import Image as PILImage
-
+def encode_array(image: np.ndarray, fmt: str = "png") -> bytes:
+    """Encode an ``[H, W, C]`` uint8 array as ``fmt`` (png/jpeg/webp), with the gateway's own encoder
+    settings. CPU work: call it off the event loop."""
     pixels = image[:, :, 0] if image.shape[-1] == 1 else image
-    buffer = io.BytesIO()
-    PILImage.fromarray(pixels).save(buffer, format="PNG", compress_level=compress_level)
-    return buffer.getvalue()
+    return imaging.encode(PILImage.fromarray(pixels), fmt)

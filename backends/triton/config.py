@@ -81,7 +81,7 @@ class Inputs:
         return out
 
     def __post_init__(self) -> None:
-        for name, tensor, datatype in self.mapped():
+        for name, _, datatype in self.mapped():
             if name in ("prompt", "negative_prompt") and datatype != "BYTES":
                 raise ValueError(f"inputs.{name}: the text input must be BYTES, got {datatype}")
         names = [t.name for _, t, _ in self.mapped()]
@@ -126,7 +126,6 @@ class Settings:
     api_key_header: str = "Authorization"
     api_key_prefix: str = "Bearer "
     ready_interval_s: float = 5.0
-    png_compress_level: int = 1
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -141,5 +140,3 @@ class Settings:
             raise ValueError("output_scale must be positive")
         if self.ready_interval_s <= 0:
             raise ValueError("ready_interval_s must be positive")
-        if not 0 <= self.png_compress_level <= 9:
-            raise ValueError("png_compress_level must be 0..9")

@@ -49,7 +49,7 @@ class FakeV2:
     script: deque[Scripted] = field(default_factory=deque)
     calls: list[dict[str, Any]] = field(default_factory=list)
     in_flight: int = 0
-    cancelled: int = 0
+    disconnected: int = 0
 
     def fail_next(self, status: int = 500, error: str = "injected failure", *, body: bytes | None = None,
                   reset: bool = False, times: int = 1) -> None:
@@ -83,11 +83,10 @@ class FakeV2:
                             media_type="application/json")
         self.in_flight += 1
         try:
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
+            if self.delay_s and await self._client_left(request, self.delay_s):
+                # V2 has no cancel call: a client that gives up just closes the connection.
+                self.disconnected += 1
+                return Response(status_code=499)
         finally:
             self.in_flight -= 1
         try:
@@ -96,6 +95,17 @@ class FakeV2:
             return _error(500 if "JSON" in str(exc) else 400, str(exc))
         self.calls[-1]["inputs"] = inputs
         return self._answer(request, doc, inputs)
+
+    @staticmethod
+    async def _client_left(request: Request, seconds: float) -> bool:
+        """Sleep ``seconds``; True as soon as the client disconnects instead."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while loop.time() < end:
+            if await request.is_disconnected():
+                return True
+            await asyncio.sleep(0.02)
+        return False
 
     def _answer(self, request: Request, doc: dict, inputs: dict) -> Response:
         prompts = [p.decode() if isinstance(p, bytes) else p for p in inputs["prompt"]]
@@ -110,8 +120,8 @@ class FakeV2:
             images = images.transpose(0, 3, 1, 2)
         tensor = np.ascontiguousarray(images.astype(_DTYPES[self.output_datatype]))
         requested = (doc.get("outputs") or [{"name": "generated_image"}])[0]
-        binary = bool((requested.get("parameters") or {}).get("binary_data",
-                                                                (doc.get("parameters") or {}).get("binary_data_output")))
+        everything_binary = (doc.get("parameters") or {}).get("binary_data_output")
+        binary = bool((requested.get("parameters") or {}).get("binary_data", everything_binary))
         out: dict[str, Any] = {"name": requested["name"], "datatype": self.output_datatype, "shape": list(tensor.shape)}
         head = {"model_name": self.model, "model_version": "1", "outputs": [out]}
         if doc.get("id"):
