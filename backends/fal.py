@@ -57,6 +57,7 @@ TIMEOUT_TYPES = frozenset({"request_timeout", "startup_timeout"})
 OVERLOAD_TYPES = frozenset({"runner_scheduling_failure", "runner_connection_timeout", "runner_disconnected",
                             "runner_connection_refused"})
 MIN_START_TIMEOUT = 0.1  # fal refuses smaller X-Fal-Request-Timeout values
+MAX_POLL_MISSES = 3  # consecutive transient status-poll failures tolerated while a request is queued/running
 
 
 def _parse_size(text: str, where: str) -> tuple[int, int]:
@@ -426,10 +427,17 @@ class FalBackend:
         started, queue_s, completed = time.monotonic(), None, False
         total_deadline = started + self.spec.timeouts.total
         deadline = min(total_deadline, request.deadline) if request.deadline is not None else total_deadline
+        misses, state = 0, "IN_QUEUE"
         try:
             while True:
-                status = await self._api("GET", status_url, clock, params={"logs": "0"})
-                state = status.get("status") if isinstance(status, Mapping) else None
+                try:
+                    status = await self._api("GET", status_url, clock, params={"logs": "0"})
+                    state, misses = status.get("status") if isinstance(status, Mapping) else None, 0
+                except (BackendUnavailable, BackendOverloaded, BackendProtocolError):
+                    # A status blip must not throw away work that is queued or running: poll again.
+                    misses += 1
+                    if misses > MAX_POLL_MISSES:
+                        raise
                 if state in ("IN_PROGRESS", "COMPLETED") and queue_s is None:
                     queue_s = time.monotonic() - started
                 if state == "COMPLETED":

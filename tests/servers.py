@@ -27,11 +27,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_app(app, *, port: int | None = None, lifespan: str = "auto", timeout: float = 30.0) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1 in a thread; yields the base URL ``http://127.0.0.1:PORT``."""
+def serve_app(app, *, port: int | None = None, lifespan: str = "auto", timeout: float = 30.0,
+              **uvicorn_options) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1 in a thread; yields the base URL ``http://127.0.0.1:PORT``
+    (``https://`` when ``ssl_certfile`` is among the extra uvicorn options)."""
     port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan,
-                            access_log=False, timeout_graceful_shutdown=1)
+                            access_log=False, timeout_graceful_shutdown=1, **uvicorn_options)
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
     thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)
@@ -45,7 +47,7 @@ def serve_app(app, *, port: int | None = None, lifespan: str = "auto", timeout: 
             raise TimeoutError("test server did not start in time")
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if uvicorn_options.get('ssl_certfile') else 'http'}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=10)

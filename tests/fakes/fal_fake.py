@@ -81,6 +81,7 @@ class Failure:
 @dataclass
 class Scenario:
     fail_submit: list[Failure] = field(default_factory=list)  # one consumed per queue submit / sync run
+    fail_status: list[Failure] = field(default_factory=list)  # one consumed per status poll
     queue_polls: int = 0  # IN_QUEUE answers (positions counting down) before IN_PROGRESS
     progress_polls: int = 1  # IN_PROGRESS answers before COMPLETED; huge = never completes
     completed_error: Failure | None = None  # COMPLETED with an error; the result URL answers this failure
@@ -275,6 +276,8 @@ class FalFake:
         job = self._job(request)
         if job is None:
             return JSONResponse({"detail": "Request not found"}, 404)
+        if self.scenario.fail_status:
+            return _error(self.scenario.fail_status.pop(0), job.id)
         job.polls += 1
         state = self._state(job)
         with_logs = request.query_params.get("logs") in ("1", "true", "True")
