@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DPMSolver2MKarras", "DPMPlan", "SchedulerConfigError", "SDXL_SCHEDULER_CONFIG"]
+__all__ = ["SDXL_SCHEDULER_CONFIG", "DPMPlan", "DPMSolver2MKarras", "SchedulerConfigError"]
 
 #: The scheduler config shipped with stabilityai/stable-diffusion-xl-base-1.0 (``scheduler/scheduler_config.json``).
 SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -121,8 +121,10 @@ class DPMPlan:
         """One DPM++ 2M step. Returns ``(prev_sample, x0)``; pass ``x0`` back as ``prev_x0`` next step.
 
         ``prev_x0`` must be finite (zeros before the first step): its weight is 0 on first-order steps.
-        The data prediction is kept in the model's dtype like diffusers' ``model_outputs``; the update runs in
-        float32 (diffusers upcasts the sample too) and is cast back to the model's dtype.
+        In float32 this is diffusers' arithmetic op for op. With a half-precision ``model_output`` the x0
+        conversion and the update run in float32 and x0 is rounded to the model's dtype (diffusers keeps its
+        ``model_outputs`` in that dtype too); the coefficients are never rounded to half precision, which a
+        0-d fp32 device tensor times a half tensor would otherwise do. Output: ``model_output``'s dtype.
         """
         row = self._row(idx)
         out_dtype = model_output.dtype

@@ -1,0 +1,418 @@
+"""Build or load the SDXL components: test-size and full-size random presets, or real weights.
+
+* ``preset="tiny"``: SDXL's architecture at diffusers' unit-test size (UNet (32, 64) with the text_time
+  embedding, two CLIP text encoders of width 32, VAE [32, 64], a 2-block TAESD) with seeded random weights
+  and a generated tokenizer. Offline, CPU, seconds; bit-reproducible for a seed. Images are noise.
+* ``preset="sdxl-random"``: the full SDXL-base architecture (2.57 B-parameter UNet, both text encoders, VAE,
+  TAESD), random weights, constructed directly on the target device in the target dtype: for benchmarks
+  where weights cannot be downloaded (speed does not depend on weight values).
+* ``model=<hub id or folder>``: ``from_pretrained`` per component (safetensors, the ``variant`` when present),
+  plus ``taesd=`` for the tiny autoencoder. Everything loaded is verified (:func:`verify_components`):
+  an offline hub load can hand back a nearly empty tokenizer without raising, and a wrong folder can load
+  classes that only fail mid-request.
+
+This is the only module of the backend that imports diffusers/transformers; it does so inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .scheduler import SDXL_SCHEDULER_CONFIG, DPMSolver2MKarras, SchedulerConfigError
+from .tokenizer import EOS, make_clip_tokenizer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+__all__ = [  # noqa: RUF022 - grouped by role
+    "Components", "LoadError", "PresetError", "load_components", "verify_components",
+    "DEFAULT_TAESD", "PRESETS", "sdxl_configs", "tiny_configs",
+]
+
+log = logging.getLogger(__name__)
+
+PRESETS = ("tiny", "sdxl-random")
+#: TAESD used with ``model=`` when no ``taesd=`` is given (madebyollin/taesdxl, MIT).
+DEFAULT_TAESD = "madebyollin/taesdxl"
+PROBE_PROMPT = "a photo of a cat"
+
+
+class LoadError(RuntimeError):
+    """Loading or verifying the components failed; the message says which component and why."""
+
+
+class PresetError(LoadError):
+    """The preset/model selection itself is invalid (unknown preset, both or neither of preset and model)."""
+
+
+@dataclass
+class Components:
+    """Everything the pipeline needs. ``taesd`` decodes UNet latents directly (scaling_factor 1.0)."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    taesd: AutoencoderTiny
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    scheduler_config: dict[str, Any]
+    source: str
+    random_weights: bool
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent (8 for SDXL, 2 for the tiny preset)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+# --- configs ----------------------------------------------------------------------------------------------------
+def sdxl_configs() -> dict[str, dict[str, Any]]:
+    """stabilityai/stable-diffusion-xl-base-1.0's component configs (plus TAESD's defaults)."""
+    return {
+        "unet": {
+            "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "block_out_channels": (320, 640, 1280), "transformer_layers_per_block": (1, 2, 10),
+            "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048, "use_linear_projection": True,
+            "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+        },
+        "vae": {
+            "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "sample_size": 1024,
+            "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": (128, 256, 512, 512), "scaling_factor": 0.13025, "force_upcast": True,
+        },
+        "taesd": {},
+        "text_encoder": {
+            "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
+            "hidden_act": "quick_gelu", "projection_dim": 768, "vocab_size": 49408, "max_position_embeddings": 77,
+            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
+        },
+        "text_encoder_2": {
+            "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32,
+            "hidden_act": "gelu", "projection_dim": 1280, "vocab_size": 49408, "max_position_embeddings": 77,
+            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
+        },
+    }
+
+
+def tiny_configs() -> dict[str, dict[str, Any]]:
+    """diffusers' SDXL unit-test sizes (UNet widened to (32, 64) so it is not degenerate)."""
+    text = {
+        "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 5, "projection_dim": 32,
+        "vocab_size": 1000, "max_position_embeddings": 77, "bos_token_id": 998, "eos_token_id": 999, "pad_token_id": 1,
+        "layer_norm_eps": 1e-5,
+    }
+    return {
+        "unet": {
+            "sample_size": 32, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+            "block_out_channels": (32, 64), "transformer_layers_per_block": (1, 2), "attention_head_dim": (2, 4),
+            "cross_attention_dim": 64, "use_linear_projection": True,
+            "addition_embed_type": "text_time", "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 80,
+        },
+        "vae": {
+            "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 128, "norm_num_groups": 32,
+            "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
+            "block_out_channels": (32, 64), "scaling_factor": 0.13025, "force_upcast": True,
+        },
+        # Two blocks = one 2x upsampling, matching the tiny VAE's scale factor so both decode the same latents.
+        "taesd": {
+            "encoder_block_out_channels": (16, 16), "decoder_block_out_channels": (16, 16),
+            "num_encoder_blocks": (1, 1), "num_decoder_blocks": (1, 1), "latent_channels": 4,
+        },
+        "text_encoder": dict(text, hidden_act="quick_gelu"),
+        "text_encoder_2": dict(text, hidden_act="gelu"),
+    }
+
+
+# --- building ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _build_random(
+    configs: dict[str, dict[str, Any]], *, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
+    seed: int, build_on_device: bool,
+) -> dict[str, Any]:
+    """Construct every model from config with seeded random weights.
+
+    ``build_on_device``: allocate and initialise directly on ``device`` in the final dtype (no fp32 host copy
+    of 2.6 B parameters). Otherwise build in fp32 on the CPU (bit-reproducible everywhere) and move.
+    """
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    makers: list[tuple[str, Callable[[], torch.nn.Module], torch.dtype]] = [
+        ("unet", lambda: UNet2DConditionModel(**configs["unet"]), dtype),
+        ("vae", lambda: AutoencoderKL(**configs["vae"]), vae_dtype),
+        ("taesd", lambda: AutoencoderTiny(**configs["taesd"]), vae_dtype),
+        ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])), dtype),
+        ("text_encoder_2", lambda: CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])), dtype),
+    ]
+    built: dict[str, Any] = {}
+    for k, (name, make, want) in enumerate(makers):
+        # Each component has its own seed (and the caller's global RNG is left alone), so adding or
+        # changing one component does not change the others' weights.
+        fork_devices = []
+        if device.type == "cuda":
+            fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed * 1000 + k)
+            if build_on_device:
+                with torch.device(device), _default_dtype(want):
+                    model = make()
+            else:
+                with torch.device("cpu"), _default_dtype(torch.float32):
+                    model = make()
+                # nn.Module.to, not ModelMixin.to: the latter logs a keep-in-fp32 notice on every dtype cast.
+                model = torch.nn.Module.to(model, device=device, dtype=want)
+        built[name] = model.eval().requires_grad_(False)
+    return built
+
+
+def _preset(name: str, **kw: Any) -> Components:
+    device, dtype, vae_dtype, seed = kw["device"], kw["dtype"], kw["vae_dtype"], kw["seed"]
+    if name == "tiny":
+        configs, vocab, build_on_device = tiny_configs(), 1000, False
+    else:
+        configs, vocab, build_on_device = sdxl_configs(), 49408, True
+    models = _build_random(
+        configs, device=device, dtype=dtype, vae_dtype=vae_dtype, seed=seed, build_on_device=build_on_device
+    )
+    return Components(
+        **models,
+        tokenizer=make_clip_tokenizer(vocab, pad_token=EOS),
+        tokenizer_2=make_clip_tokenizer(vocab, pad_token="!"),
+        scheduler_config=dict(SDXL_SCHEDULER_CONFIG),
+        source=f"preset {name} (random weights, seed {seed}: images are noise)",
+        random_weights=True,
+    )
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+def _has_variant(folder: str, variant: str) -> bool:
+    return os.path.isdir(folder) and any(f".{variant}." in f for f in os.listdir(folder))
+
+
+def _from_pretrained(cls: Any, source: str, subfolder: str | None, *, variant: str | None, **kw: Any) -> Any:
+    """``cls.from_pretrained`` with the variant when it exists; errors become :class:`LoadError`."""
+    where = f"{source}/{subfolder}" if subfolder else source
+    if variant and os.path.isdir(source):
+        variant = variant if _has_variant(os.path.join(source, subfolder or ""), variant) else None
+    args = dict(kw, use_safetensors=True)
+    if subfolder:
+        args["subfolder"] = subfolder
+    # output_loading_info: from_pretrained only *logs* weights it could not find (and initialises them
+    # randomly), e.g. a VAE folder where the UNet should be. Those must be an error here.
+    args["output_loading_info"] = True
+    try:
+        loaded, info = cls.from_pretrained(source, variant=variant, **args)
+    except Exception as first:
+        if variant is None or os.path.isdir(source):
+            raise LoadError(f"cannot load {cls.__name__} from {where}: {type(first).__name__}: {first}") from first
+        try:  # a hub repo without the variant: the plain safetensors files
+            loaded, info = cls.from_pretrained(source, variant=None, **args)
+        except Exception as second:
+            raise LoadError(
+                f"cannot load {cls.__name__} from {where} (variant {variant!r}: {type(first).__name__}: {first}; "
+                f"without variant: {type(second).__name__}: {second})"
+            ) from second
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = list(info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        raise LoadError(
+            f"{cls.__name__} from {where} does not match its checkpoint: {len(missing)} weights missing "
+            f"{missing[:3]}, {len(mismatched)} with other shapes {mismatched[:3]} (they would be random)"
+        )
+    return loaded
+
+
+def _load_tokenizer(source: str, subfolder: str, local_files_only: bool) -> Any:
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(source, subfolder=subfolder, local_files_only=local_files_only)
+    except Exception as exc:
+        raise LoadError(f"cannot load the tokenizer from {source}/{subfolder}: {type(exc).__name__}: {exc}") from exc
+
+
+def _load_model(model: str, *, dtype: torch.dtype, vae_dtype: torch.dtype, local_files_only: bool,
+                variant: str | None, progress: Callable[[str], None]) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    common = {"local_files_only": local_files_only, "variant": variant}
+    # diffusers' default low_cpu_mem_usage needs accelerate; without it, ask for the plain path (no warning).
+    low_mem = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+    out: dict[str, Any] = {}
+    for name, cls, want in (
+        ("unet", UNet2DConditionModel, dtype),
+        ("vae", AutoencoderKL, vae_dtype),
+        ("text_encoder", CLIPTextModel, dtype),
+        ("text_encoder_2", CLIPTextModelWithProjection, dtype),
+    ):
+        t0 = time.perf_counter()
+        extra = low_mem if cls is not CLIPTextModel and cls is not CLIPTextModelWithProjection else {}
+        out[name] = _from_pretrained(cls, model, name, dtype=want, **common, **extra)
+        progress(f"loaded {name} from {model} in {time.perf_counter() - t0:.1f}s")
+    out["tokenizer"] = _load_tokenizer(model, "tokenizer", local_files_only)
+    out["tokenizer_2"] = _load_tokenizer(model, "tokenizer_2", local_files_only)
+    try:
+        # Any ConfigMixin class reads the JSON; the config is only used to build our scheduler.
+        cfg = DPMSolverMultistepScheduler.load_config(model, subfolder="scheduler", local_files_only=local_files_only)
+    except Exception as exc:
+        raise LoadError(f"cannot read {model}/scheduler/scheduler_config.json: {type(exc).__name__}: {exc}") from exc
+    out["scheduler_config"] = dict(cfg)
+    return out
+
+
+def _load_taesd(taesd: str, *, vae_dtype: torch.dtype, local_files_only: bool) -> Any:
+    from diffusers import AutoencoderTiny
+
+    low_mem = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+    return _from_pretrained(AutoencoderTiny, taesd, None, variant=None, dtype=vae_dtype,
+                            local_files_only=local_files_only, **low_mem)
+
+
+def load_components(
+    *,
+    preset: str | None,
+    model: str | None,
+    taesd: str | None,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    vae_dtype: torch.dtype,
+    seed: int = 0,
+    local_files_only: bool = False,
+    variant: str | None = "fp16",
+    progress: Callable[[str], None] | None = None,
+) -> Components:
+    """Build a preset or load ``model`` (exactly one), put it on ``device``, verify it, return it.
+
+    UNet and text encoders get ``dtype``; the VAE and TAESD get ``vae_dtype``. ``taesd`` defaults to the
+    preset's random one, or :data:`DEFAULT_TAESD` with ``model``. ``progress`` receives one line per stage.
+    Raises :class:`PresetError` for a bad selection and :class:`LoadError` for anything wrong with what loaded.
+    """
+    say = progress or log.info
+    if (preset is None) == (model is None):
+        raise PresetError("set exactly one of `preset` (tiny, sdxl-random) and `model` (hub id or folder)")
+    if preset is not None and preset not in PRESETS:
+        raise PresetError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    if preset is not None:
+        say(f"building preset {preset} on {device} ({dtype}, VAE {vae_dtype})")
+        components = _preset(preset, device=device, dtype=dtype, vae_dtype=vae_dtype, seed=seed)
+        if taesd is not None:
+            components.taesd = _load_taesd(taesd, vae_dtype=vae_dtype, local_files_only=local_files_only).to(device)
+            components.source += f", TAESD from {taesd}"
+    else:
+        assert model is not None
+        parts = _load_model(model, dtype=dtype, vae_dtype=vae_dtype, local_files_only=local_files_only,
+                            variant=variant, progress=say)
+        taesd_source = taesd or DEFAULT_TAESD
+        parts["taesd"] = _load_taesd(taesd_source, vae_dtype=vae_dtype, local_files_only=local_files_only)
+        for name in ("unet", "vae", "taesd", "text_encoder", "text_encoder_2"):
+            parts[name] = parts[name].to(device).eval().requires_grad_(False)
+        components = Components(**parts, source=f"{model} (TAESD {taesd_source})", random_weights=False)
+    verify_components(components, device=device, dtype=dtype, vae_dtype=vae_dtype)
+    say(f"components ready in {time.perf_counter() - t0:.1f}s: {components.source}")
+    return components
+
+
+# --- verification -----------------------------------------------------------------------------------------------
+def _tokenizer_problems(name: str, tok: Any, encoder: Any) -> list[str]:
+    cfg = encoder.config
+    size = len(tok)
+    if size < 2 * 256 + 2:
+        # The offline-hub trap: a default CLIPTokenizer with 2-3 tokens comes back without an exception.
+        return [
+            (
+                f"{name} has only {size} tokens (expected ~{cfg.vocab_size}): the tokenizer files are missing or "
+                "broken (an offline or failed hub download returns an empty tokenizer without raising)"
+            )
+        ]
+    problems = []
+    if size > cfg.vocab_size:
+        problems.append(f"{name} has {size} tokens but its text encoder embeds only {cfg.vocab_size}")
+    if tok.model_max_length != cfg.max_position_embeddings:
+        problems.append(f"{name}.model_max_length is {tok.model_max_length}, expected "
+                        f"{cfg.max_position_embeddings} (the text encoder's positions)")
+    ids = tok(PROBE_PROMPT).input_ids
+    special = {tok.bos_token_id, tok.eos_token_id, tok.unk_token_id}
+    inner = ids[1:-1]
+    if len(ids) < 3 or ids[0] != tok.bos_token_id or ids[-1] != tok.eos_token_id or any(i in special for i in inner):
+        problems.append(f"{name} tokenizes {PROBE_PROMPT!r} to {ids}: expected bos, word tokens, eos")
+    if any(not 0 <= i < cfg.vocab_size for i in ids):
+        problems.append(f"{name} produces ids outside the text encoder's vocabulary ({cfg.vocab_size})")
+    if tok.pad_token_id is None:
+        problems.append(f"{name} has no pad token")
+    return problems
+
+
+def verify_components(c: Components, *, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
+    """Check classes, tokenizers, the SDXL conditioning wiring, dtypes and devices; raise one LoadError."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
+
+    expected = {
+        "unet": UNet2DConditionModel, "vae": AutoencoderKL, "taesd": AutoencoderTiny,
+        "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection,
+        "tokenizer": PreTrainedTokenizerBase, "tokenizer_2": PreTrainedTokenizerBase,
+    }
+    wrong = [f"{n} is {type(getattr(c, n)).__name__}, expected {cls.__name__}"
+             for n, cls in expected.items() if not isinstance(getattr(c, n), cls)]
+    if wrong:
+        raise LoadError("not an SDXL base model: " + "; ".join(wrong))
+    problems = _tokenizer_problems("tokenizer", c.tokenizer, c.text_encoder)
+    problems += _tokenizer_problems("tokenizer_2", c.tokenizer_2, c.text_encoder_2)
+    u, te, te2 = c.unet.config, c.text_encoder.config, c.text_encoder_2.config
+    if u.addition_embed_type != "text_time":
+        problems.append(f"unet addition_embed_type is {u.addition_embed_type!r}, expected 'text_time' (SDXL)")
+    if u.cross_attention_dim != te.hidden_size + te2.hidden_size:
+        problems.append(f"unet cross_attention_dim {u.cross_attention_dim} != text encoder widths "
+                        f"{te.hidden_size}+{te2.hidden_size} (SDXL base: 2048)")
+    want_proj = 6 * (u.addition_time_embed_dim or 0) + te2.projection_dim
+    if u.projection_class_embeddings_input_dim != want_proj:
+        problems.append(f"unet projection_class_embeddings_input_dim {u.projection_class_embeddings_input_dim} "
+                        f"!= 6*{u.addition_time_embed_dim} + {te2.projection_dim}")
+    latent = {u.in_channels, c.vae.config.latent_channels, c.taesd.config.latent_channels}
+    if len(latent) != 1:
+        problems.append(f"latent channels disagree (unet, vae, taesd): {sorted(latent)}")
+    taesd_factor = c.taesd.config.upsampling_scaling_factor ** (len(c.taesd.config.decoder_block_out_channels) - 1)
+    if taesd_factor != c.vae_scale_factor:
+        problems.append(f"TAESD upsamples {taesd_factor}x but the VAE {c.vae_scale_factor}x")
+    for name, want in (("unet", dtype), ("text_encoder", dtype), ("text_encoder_2", dtype),
+                       ("vae", vae_dtype), ("taesd", vae_dtype)):
+        params = list(getattr(c, name).parameters())
+        dtypes = {p.dtype for p in params if p.is_floating_point()}
+        devices = {p.device for p in params}
+        if dtypes != {want}:
+            problems.append(f"{name} parameters are {sorted(map(str, dtypes))}, expected {want}")
+        if any(d.type != device.type or (device.index is not None and d.index != device.index) for d in devices):
+            problems.append(f"{name} is on {sorted(map(str, devices))}, expected {device}")
+    try:
+        DPMSolver2MKarras.from_config(c.scheduler_config)
+    except (SchedulerConfigError, TypeError) as exc:
+        problems.append(f"scheduler config unusable for DPM++ 2M Karras: {exc}")
+    if problems:
+        raise LoadError(f"{c.source}: " + "; ".join(problems))
