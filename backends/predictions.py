@@ -26,7 +26,12 @@ import httpx
 from backends.base import Image, ImageRequest, StageClock
 from backends.http import fetch_output
 from backends.settings import build
-from gateway.errors import BackendError, BackendFailed, BackendProtocolError, BackendRejected
+from gateway.errors import (
+    BackendError,
+    BackendFailed,
+    BackendProtocolError,
+    BackendRejected,
+)
 
 T = TypeVar("T")
 
@@ -42,6 +47,17 @@ REPLICATE_FORMATS: Mapping[str, str] = MappingProxyType({"png": "png", "jpeg": "
 
 def _frozen(mapping: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping or {}))
+
+
+def _ratio_value(ratio: str) -> float:
+    w, sep, h = ratio.partition(":")
+    try:
+        value = float(w) / float(h)
+    except (ValueError, ZeroDivisionError):
+        value = 0.0
+    if not sep or value <= 0:
+        raise ValueError(f"aspect ratio {ratio!r} is not of the form W:H")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +110,7 @@ class InputMapping:
         return self.max_outputs_per_call if self.n_field else 1
 
 
-_NO_EXTRAS = dict(negative_prompt_field=None, steps_field=None, guidance_field=None)
+_NO_EXTRAS: dict[str, Any] = {"negative_prompt_field": None, "steps_field": None, "guidance_field": None}
 FAMILIES: Mapping[str, InputMapping] = MappingProxyType({
     # stability-ai/sdxl and most SDXL fine-tunes (also what SDXL cog containers take).
     "sdxl": InputMapping(),
@@ -135,17 +151,6 @@ def resolve_mapping(family: str, overrides: Mapping[str, Any], extra_input: Mapp
 
 
 # -- request → input (pure) --------------------------------------------------------------------------------
-
-
-def _ratio_value(ratio: str) -> float:
-    w, sep, h = ratio.partition(":")
-    try:
-        value = float(w) / float(h)
-    except (ValueError, ZeroDivisionError):
-        value = 0.0
-    if not sep or value <= 0:
-        raise ValueError(f"aspect ratio {ratio!r} is not of the form W:H")
-    return value
 
 
 def nearest_aspect_ratio(width: int, height: int, ratios: Sequence[str]) -> str:
@@ -344,7 +349,7 @@ async def run_calls(calls: Sequence[Callable[[], Awaitable[T]]], *, parallel: bo
         return [await call() for call in calls]
     tasks = [asyncio.ensure_future(call()) for call in calls]
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     except asyncio.CancelledError:
         for task in tasks:
             task.cancel()

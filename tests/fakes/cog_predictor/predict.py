@@ -10,8 +10,9 @@ cancel it).
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 import time
-from typing import List
 
 from cog import BasePredictor, Input, Path
 from PIL import Image
@@ -19,7 +20,9 @@ from PIL import Image
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
-        self.calls = 0
+        # cog reads output files back and sends them as data: URIs, but never deletes them: keep them
+        # where the test that started the server cleans up.
+        self.out_dir = os.environ.get("IMAGEGATE_COG_OUT_DIR") or tempfile.mkdtemp(prefix="cog-out-")
 
     def predict(
         self,
@@ -33,8 +36,7 @@ class Predictor(BasePredictor):
         seed: int = Input(default=None),
         output_format: str = Input(default="png", choices=["png", "jpg", "webp"]),
         sleep: float = Input(default=0.0, ge=0.0, le=30.0),
-    ) -> List[Path]:
-        self.calls += 1
+    ) -> list[Path]:
         if "fail" in prompt:
             raise RuntimeError("the model could not draw this prompt")
         if "slow" in prompt or sleep:
@@ -48,7 +50,7 @@ class Predictor(BasePredictor):
             digest = hashlib.sha256(f"{prompt}|{seed}|{index}".encode()).digest()
             image = Image.new("RGB", (width, height), tuple(digest[:3]))
             extension = {"jpg": "jpg", "png": "png", "webp": "webp"}[output_format]
-            path = Path(f"/tmp/cog-out-{time.monotonic_ns()}-{index}.{extension}")
+            path = Path(os.path.join(self.out_dir, f"{time.monotonic_ns()}-{index}.{extension}"))
             image.save(path, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[output_format])
             outputs.append(path)
         return outputs

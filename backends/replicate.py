@@ -1,0 +1,348 @@
+"""``type: replicate`` — Replicate's hosted predictions API (an official model, a deployment or a version).
+
+One prediction per ``input`` (several, concurrently, when ``n`` exceeds what the model makes per call):
+
+1. create with ``Prefer: wait=N`` (the API holds the request open until the prediction finishes or N s
+   pass) and ``Cancel-After`` set from the request deadline, so a prediction we lose track of (a create
+   that timed out on our side) is still stopped by Replicate;
+2. if the answer is not terminal, poll ``urls.get`` every ``poll_interval`` until it is (``urls.get`` and
+   ``urls.cancel`` are followed only on the API's own origin: the token goes with them);
+3. fetch the outputs (``data:`` URIs or delivery URLs, only from ``allowed_output_hosts``).
+
+When nobody waits any more (client gone, deadline, a sibling call failed) the prediction is cancelled:
+at once if we know its id, or, if the create is still in flight, as soon as its answer tells us the id.
+
+Error mapping (see ``gateway.errors``): 429/503 on create → ``BackendOverloaded`` (Retry-After kept),
+other 5xx → ``BackendFailed``, 4xx validation → ``BackendRejected``; a ``failed`` prediction →
+``BackendRejected`` (the model ran and refused this input: terminal) unless its error reads like an
+infrastructure fault (OOM, interrupted, timeout: ``BackendFailed``, falls back) — see
+``predictions.classify_failure``; ``aborted`` (never started before Cancel-After) and ``canceled`` after
+our deadline → ``BackendTimeout``; ``canceled`` by someone else → ``BackendFailed``. The create is never
+retried here: the dispatcher retries only errors that mean it cannot have started (connect errors, 429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from backends.base import (
+    BackendSpec,
+    Image,
+    ImageRequest,
+    ImageResult,
+    Load,
+    LoadCounter,
+    StageClock,
+    Usage,
+)
+from backends.http import (
+    json_body,
+    make_client,
+    raise_for_status,
+    retry_after_seconds,
+    send,
+)
+from backends.predictions import (
+    Family,
+    InputMapping,
+    Prediction,
+    classify_failure,
+    fetch_images,
+    from_prediction,
+    resolve_mapping,
+    run_calls,
+    to_inputs,
+)
+from gateway.errors import (
+    BackendError,
+    BackendFailed,
+    BackendProtocolError,
+    BackendTimeout,
+    scrub,
+)
+
+_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_VERSION = re.compile(r"^[0-9a-f]{64}$")
+# A poll that meets a 429/5xx is retried this many times in a row before we give up on the prediction.
+_POLL_ERRORS = 3
+# Cancel-After below this is refused or meaningless upstream; our own cancel covers the rest.
+_MIN_CANCEL_AFTER_S = 5
+
+
+def _empty() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The ``settings:`` block of a ``type: replicate`` backend. Exactly one of ``model`` (an official
+    model, ``owner/name``), ``deployment`` (``owner/name``) or ``version`` (64 hex digits)."""
+
+    api_token: str
+    model: str | None = None
+    deployment: str | None = None
+    version: str | None = None
+    base_url: str = "https://api.replicate.com"
+    # Input schema preset (see backends.predictions.FAMILIES) and per-field overrides of it.
+    family: Family = "sdxl"
+    input: Mapping[str, Any] = field(default_factory=_empty)
+    # Static inputs sent with every prediction.
+    extra_input: Mapping[str, Any] = field(default_factory=_empty)
+    # How long Replicate may hold the create open (1..60 s). Longer saves poll round trips for slow
+    # models, but while the create is held we do not know the prediction's id, so a client that goes
+    # away is only cancelled upstream once the create answers: up to this many seconds later.
+    prefer_wait: int = 10
+    poll_interval: float = 1.0
+    allowed_output_hosts: tuple[str, ...] = ("replicate.delivery", "*.replicate.delivery")
+    max_output_bytes: int = 50 * 1024 * 1024
+    output_timeout: float = 30.0
+    cancel_timeout: float = 3.0
+    mapping: InputMapping = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.api_token.strip():
+            raise ValueError("api_token is empty (is REPLICATE_API_TOKEN set?)")
+        targets = [n for n in ("model", "deployment", "version") if getattr(self, n) is not None]
+        if len(targets) != 1:
+            raise ValueError("set exactly one of model, deployment, version")
+        for name in ("model", "deployment"):
+            value = getattr(self, name)
+            if value is not None and not _NAME.match(value):
+                raise ValueError(f"{name} must be owner/name, got {value!r}")
+        if self.version is not None and not _VERSION.match(self.version):
+            raise ValueError("version must be 64 lowercase hex digits")
+        if not 1 <= self.prefer_wait <= 60:
+            raise ValueError("prefer_wait must be 1..60 seconds")
+        if self.poll_interval <= 0 or self.cancel_timeout <= 0 or self.output_timeout <= 0:
+            raise ValueError("poll_interval, cancel_timeout and output_timeout must be positive")
+        if urlsplit(self.base_url).scheme not in ("http", "https"):
+            raise ValueError("base_url must be an http(s) URL")
+        object.__setattr__(self, "mapping", resolve_mapping(self.family, self.input, self.extra_input))
+
+    @property
+    def create_path(self) -> str:
+        if self.model:
+            return f"/v1/models/{self.model}/predictions"
+        if self.deployment:
+            return f"/v1/deployments/{self.deployment}/predictions"
+        return "/v1/predictions"
+
+
+@dataclass(slots=True)
+class _Outcome:
+    images: list[Image]
+    timings: Mapping[str, float]
+
+
+class ReplicateBackend:
+    Settings = Settings
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.spec = spec
+        self.settings: Settings = spec.settings
+        self._client: httpx.AsyncClient | None = None
+        self._loads = LoadCounter()
+        self._secrets = (self.settings.api_token,)
+        # Sent per request rather than as client defaults: the same pool fetches outputs from delivery
+        # hosts, which must never see the token.
+        self._auth = {"Authorization": f"Bearer {self.settings.api_token}"}
+        self._origin = self._origin_of(self.settings.base_url)
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._client = make_client(self.spec, self.settings.base_url.rstrip("/"),
+                                   headers={"User-Agent": "imagegate"})
+
+    async def aclose(self) -> None:
+        # Give in-flight cancellations a moment to reach Replicate, then drop them.
+        if self._background:
+            _, pending = await asyncio.wait(set(self._background), timeout=self.settings.cancel_timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def ready(self) -> bool:
+        return self._client is not None
+
+    def load(self) -> Load:
+        return self._loads.snapshot()
+
+    # -- generate -------------------------------------------------------------------------------------------
+
+    async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
+        if self._client is None:
+            raise BackendFailed(f"{self.spec.name}: not started")
+        inputs = to_inputs(request, self.settings.mapping)
+        with self._loads.track():
+            outcomes = await run_calls(
+                [lambda body=body: self._predict(request, body, clock) for body in inputs], parallel=True
+            )
+        # Concurrent predictions overlap: report the slowest one's stages, bill the sum of predict time.
+        for stage in ("remote_queue", "remote_predict"):
+            values = [o.timings[stage] for o in outcomes if stage in o.timings]
+            if values:
+                clock.stage(stage, max(values))
+        predict = [o.timings["remote_predict"] for o in outcomes if "remote_predict" in o.timings]
+        images = tuple(image for o in outcomes for image in o.images)
+        usage = Usage(
+            images=len(images),
+            megapixels=request.megapixels * len(images),
+            steps=request.steps,
+            predict_seconds=sum(predict) if predict else None,
+        )
+        return ImageResult(images=images, usage=usage)
+
+    async def _predict(self, request: ImageRequest, model_input: dict[str, Any], clock: StageClock) -> _Outcome:
+        create = asyncio.ensure_future(self._create(request, model_input, clock))
+        try:
+            # Shielded: if we are cancelled while Replicate holds the create open, the create itself
+            # goes on so that its answer (the prediction id) lets us cancel the prediction.
+            prediction = await asyncio.shield(create)
+        except asyncio.CancelledError:
+            self._spawn(self._cancel_when_created(create))
+            raise
+        try:
+            prediction = await self._wait_terminal(request, prediction, clock)
+        except BaseException:
+            # Nobody waits for this prediction any more (cancelled, deadline, unreadable poll answer).
+            await self._cancel_shielded(prediction)
+            raise
+        return await self._finish(request, prediction, clock)
+
+    async def _create(self, request: ImageRequest, model_input: dict[str, Any], clock: StageClock) -> Prediction:
+        assert self._client is not None
+        s = self.settings
+        body: dict[str, Any] = {"input": model_input}
+        if s.version:
+            body["version"] = s.version
+        headers = dict(self._auth)
+        wait = s.prefer_wait
+        remaining = request.remaining()
+        if remaining is not None:
+            wait = max(1, min(wait, int(remaining)))
+            headers["Cancel-After"] = f"{max(_MIN_CANCEL_AFTER_S, math.ceil(remaining))}s"
+        headers["Prefer"] = f"wait={wait}"
+        t = self.spec.timeouts
+        timeout = httpx.Timeout(connect=t.connect, read=max(t.read, wait + 5.0), write=t.read, pool=t.connect)
+        http_request = self._client.build_request("POST", s.create_path, json=body, headers=headers,
+                                                  timeout=timeout)
+        response = await send(self._client, http_request, clock, backend=self.spec.name, secrets=self._secrets)
+        raise_for_status(response, backend=self.spec.name, secrets=self._secrets)
+        prediction = from_prediction(json_body(response, backend=self.spec.name), backend=self.spec.name)
+        if prediction.id is None and not prediction.terminal:
+            raise BackendProtocolError(f"{self.spec.name}: prediction without an id")
+        return prediction
+
+    async def _wait_terminal(self, request: ImageRequest, prediction: Prediction, clock: StageClock) -> Prediction:
+        assert self._client is not None
+        s = self.settings
+        url = self._api_url(prediction.urls.get("get"), f"/v1/predictions/{prediction.id}")
+        errors = 0
+        delay = s.poll_interval
+        while not prediction.terminal:
+            remaining = request.remaining()
+            if remaining is not None and remaining <= 0:
+                raise BackendTimeout(f"{self.spec.name}: prediction still {prediction.status} at the deadline")
+            with clock.waiting():
+                await asyncio.sleep(delay if remaining is None else min(delay, remaining))
+            delay = s.poll_interval
+            response = await send(self._client, self._client.build_request("GET", url, headers=self._auth),
+                                  clock, backend=self.spec.name, secrets=self._secrets)
+            if response.status_code == 429 or response.status_code >= 500:
+                # A GET is safe to repeat: a throttled or failing poll says nothing about the prediction.
+                errors += 1
+                if errors > _POLL_ERRORS:
+                    raise_for_status(response, backend=self.spec.name, secrets=self._secrets)
+                retry_after = retry_after_seconds(response.headers.get("retry-after"))
+                delay = s.poll_interval * 2**errors if retry_after is None else retry_after
+                continue
+            errors = 0
+            raise_for_status(response, backend=self.spec.name, secrets=self._secrets)
+            prediction = from_prediction(json_body(response, backend=self.spec.name), backend=self.spec.name)
+        return prediction
+
+    async def _finish(self, request: ImageRequest, prediction: Prediction, clock: StageClock) -> _Outcome:
+        s = self.settings
+        name = self.spec.name
+        if prediction.status == "failed":
+            error = scrub(prediction.error or "no error given", self._secrets)
+            raise classify_failure(prediction.error)(f"{name}: prediction failed: {error}")
+        if prediction.status == "aborted":
+            raise BackendTimeout(f"{name}: prediction aborted before it started (Cancel-After passed)")
+        if prediction.status == "canceled":
+            remaining = request.remaining()
+            if remaining is not None and remaining <= 1.0:
+                raise BackendTimeout(f"{name}: prediction canceled at the deadline")
+            raise BackendFailed(f"{name}: prediction was canceled upstream")
+        if not prediction.outputs:
+            raise BackendProtocolError(f"{name}: prediction succeeded without output")
+        assert self._client is not None
+        images = await fetch_images(self._client, prediction.outputs, clock, backend=name,
+                                    allowed_hosts=s.allowed_output_hosts, max_bytes=s.max_output_bytes,
+                                    timeout=s.output_timeout)
+        return _Outcome(images=images, timings=prediction.timings)
+
+    # -- cancellation ---------------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _cancel_shielded(self, prediction: Prediction) -> None:
+        if prediction.terminal or self._client is None:
+            return
+        task = self._spawn(self._cancel(prediction))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            pass  # cancelled again while cancelling: the task goes on without us; the original error wins
+
+    async def _cancel_when_created(self, create: asyncio.Future[Prediction]) -> None:
+        try:
+            prediction = await asyncio.wait_for(create, timeout=self.settings.prefer_wait + 10.0)
+        except (TimeoutError, BackendError):
+            return  # no prediction was made, or we will never learn its id (Cancel-After still stops it)
+        await self._cancel(prediction)
+
+    async def _cancel(self, prediction: Prediction) -> None:
+        """Best effort: one short POST to the cancel URL; failures are ignored."""
+        if prediction.terminal or prediction.id is None or self._client is None:
+            return
+        url = self._api_url(prediction.urls.get("cancel"), f"/v1/predictions/{prediction.id}/cancel")
+        try:
+            await asyncio.wait_for(
+                send(self._client, self._client.build_request("POST", url, headers=self._auth),
+                     StageClock(), backend=self.spec.name, secrets=self._secrets),
+                timeout=self.settings.cancel_timeout,
+            )
+        except (TimeoutError, BackendError):
+            pass
+
+    # -- helpers --------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _origin_of(url: str) -> tuple[str, str]:
+        parts = urlsplit(url)
+        return parts.scheme, parts.netloc.lower()
+
+    def _api_url(self, url: str | None, fallback: str) -> str:
+        """Use the URL the API gave only if it is on the API's own origin: we send the token there."""
+        if url and self._origin_of(url) == self._origin:
+            return url
+        return fallback
