@@ -19,7 +19,6 @@ Readiness comes from a background task polling ``/health-check`` every ``health_
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,14 +43,12 @@ from backends.predictions import (
     Family,
     InputMapping,
     classify_failure,
-    fetch_images,
     from_prediction,
     resolve_mapping,
-    run_calls,
     to_inputs,
 )
+from backends.remote import Background, best_effort, fan_out, fetch_images, stop_task
 from gateway.errors import (
-    BackendError,
     BackendFailed,
     BackendOverloaded,
     BackendProtocolError,
@@ -113,7 +110,7 @@ class CogBackend:
         self._ready = False
         self.health: str | None = None  # last /health-check status, for logs and tests
         self._health_task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = Background()  # cancels that outlive the generate() that started them
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -126,16 +123,9 @@ class CogBackend:
         self._health_task = asyncio.ensure_future(self._health_loop())
 
     async def aclose(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
-            self._health_task = None
-        if self._background:
-            _, pending = await asyncio.wait(set(self._background), timeout=self.settings.cancel_timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await stop_task(self._health_task)
+        self._health_task = None
+        await self._background.drain(self.settings.cancel_timeout)
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -173,11 +163,10 @@ class CogBackend:
             raise BackendFailed(f"{self.spec.name}: not started")
         inputs = to_inputs(request, self.settings.mapping)
         with self._loads.track():
-            outcomes = await run_calls([lambda body=body: self._predict(request, body, clock) for body in inputs],
-                                       parallel=self.settings.parallel)
-        predict = [seconds for _, seconds in outcomes if seconds is not None]
-        if predict:
-            clock.stage("remote_predict", max(predict) if self.settings.parallel else sum(predict))
+            # In parallel the clock gets the slowest prediction's wait and predict time; one after another, the sum.
+            outcomes = await fan_out([lambda k, body=body: self._predict(request, body, k) for body in inputs],
+                                     clock, parallel=self.settings.parallel)
+        predict = [seconds for _, seconds in outcomes if seconds is not None]  # billed: the sum
         images = tuple(image for batch, _ in outcomes for image in batch)
         return ImageResult(images=images, usage=Usage(
             images=len(images), megapixels=request.megapixels * len(images), steps=request.steps,
@@ -218,11 +207,14 @@ class CogBackend:
             raise BackendProtocolError(f"{name}: synchronous prediction answered {prediction.status!r}")
         if not prediction.outputs:
             raise BackendProtocolError(f"{name}: prediction succeeded without output")
+        predict = prediction.timings.get("remote_predict")
+        if predict is not None:
+            clock.stage("remote_predict", predict)
         s = self.settings
         images = await fetch_images(self._client, prediction.outputs, clock, backend=name,
                                     allowed_hosts=s.allowed_output_hosts, max_bytes=s.max_output_bytes,
                                     timeout=s.output_timeout)
-        return images, prediction.timings.get("remote_predict")
+        return images, predict
 
     async def _put(self, request: ImageRequest, prediction_id: str, model_input: dict[str, Any],
                    clock: StageClock) -> httpx.Response:
@@ -248,11 +240,7 @@ class CogBackend:
     # -- cancellation ---------------------------------------------------------------------------------------
 
     async def _cancel_shielded(self, prediction_id: str) -> None:
-        task = asyncio.ensure_future(self.cancel(prediction_id))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(task)
+        await self._background.shielded(self.cancel(prediction_id))
 
     async def cancel(self, prediction_id: str) -> None:
         """Cancel a prediction by id; best effort, within ``cancel_timeout``. A 404 may mean our PUT has not
@@ -273,5 +261,4 @@ class CogBackend:
                     return
                 await asyncio.sleep(0.2)
 
-        with contextlib.suppress(BackendError, TimeoutError):
-            await asyncio.wait_for(attempt(), timeout=self.settings.cancel_timeout)
+        await best_effort(attempt(), self.settings.cancel_timeout)

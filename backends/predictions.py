@@ -1,7 +1,8 @@
 """What the Replicate API and self-hosted cog containers share: the model input schemas (cog models *are*
 Replicate models), the prediction object, output handling and failure classification.
 
-Everything here except ``fetch_images`` and ``run_calls`` is pure: plain dicts in, plain values out.
+Everything here is pure: plain dicts in, plain values out. The I/O the two backends share with the other
+remote backends (parallel calls, output fetches, cancels) is in ``backends.remote``.
 
 Input mapping is table-driven. A *family* names a preset ``InputMapping`` for a model's input schema
 (``sdxl``: width/height and ``num_outputs``; ``flux_schnell``/``flux_dev``: ``aspect_ratio`` +
@@ -11,20 +12,17 @@ only), and a backend's ``input:`` settings override any field of the preset.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import httpx
-
-from backends.base import Image, ImageRequest, StageClock
-from backends.http import fetch_output
+from backends.base import ImageRequest
+from backends.remote import seeded_batches
 from backends.settings import build
 from gateway.errors import (
     BackendError,
@@ -32,8 +30,6 @@ from gateway.errors import (
     BackendProtocolError,
     BackendRejected,
 )
-
-T = TypeVar("T")
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 STATUSES = TERMINAL | {"starting", "processing"}
@@ -207,15 +203,8 @@ def to_input(request: ImageRequest, mapping: InputMapping, *, count: int | None 
 def to_inputs(request: ImageRequest, mapping: InputMapping) -> list[dict[str, Any]]:
     """The inputs of every prediction needed for ``request.n`` images: ``ceil(n / per_call)`` of them.
     With a seed, call *i* gets ``seed + (images before it)``, so parallel calls do not repeat an image."""
-    per_call = mapping.per_call
-    inputs = []
-    done = 0
-    while done < request.n:
-        count = min(per_call, request.n - done)
-        seed = None if request.seed is None else request.seed + done
-        inputs.append(to_input(request, mapping, count=count, seed=seed))
-        done += count
-    return inputs
+    return [to_input(request, mapping, count=count, seed=seed)
+            for count, seed in seeded_batches(request.n, mapping.per_call, request.seed)]
 
 
 # -- prediction → result (pure) ----------------------------------------------------------------------------
@@ -313,53 +302,3 @@ def classify_failure(error: str | None) -> type[BackendError]:
     if not error or _INFRA_FAILURE.search(error):
         return BackendFailed
     return BackendRejected
-
-
-# -- I/O helpers -------------------------------------------------------------------------------------------
-
-
-async def fetch_images(
-    client: httpx.AsyncClient,
-    outputs: Sequence[str],
-    clock: StageClock,
-    *,
-    backend: str,
-    allowed_hosts: tuple[str, ...],
-    max_bytes: int,
-    timeout: float,
-) -> list[Image]:
-    """Fetch every output (data: URIs or allow-listed URLs) concurrently, in order."""
-    fetched = await run_calls(
-        [lambda url=url: fetch_output(client, url, clock, backend=backend, allowed_hosts=allowed_hosts,
-                                      max_bytes=max_bytes, timeout=timeout)
-         for url in outputs],
-        parallel=True,
-    )
-    return [Image(format=fmt, data=data) for data, fmt in fetched]
-
-
-async def run_calls(calls: Sequence[Callable[[], Awaitable[T]]], *, parallel: bool) -> list[T]:
-    """Run ``calls`` (in order, or concurrently) and return their results in order.
-
-    Concurrently, the first failure cancels the others, and each gets to run its own cancellation
-    clean-up (cancelling its remote prediction) before the failure propagates; the same happens when the
-    caller is cancelled. (``asyncio.TaskGroup`` does this from 3.11; this also runs on 3.10.)
-    """
-    if not parallel or len(calls) == 1:
-        return [await call() for call in calls]
-    tasks = [asyncio.ensure_future(call()) for call in calls]
-    try:
-        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    except asyncio.CancelledError:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-    if pending:
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
-    return [task.result() for task in tasks]

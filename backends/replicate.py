@@ -56,11 +56,16 @@ from backends.predictions import (
     InputMapping,
     Prediction,
     classify_failure,
-    fetch_images,
     from_prediction,
     resolve_mapping,
-    run_calls,
     to_inputs,
+)
+from backends.remote import (
+    Background,
+    best_effort,
+    fan_out,
+    fetch_images,
+    same_origin,
 )
 from gateway.errors import (
     BackendError,
@@ -140,7 +145,7 @@ class Settings:
 @dataclass(slots=True)
 class _Outcome:
     images: list[Image]
-    timings: Mapping[str, float]
+    predict_s: float | None
 
 
 class ReplicateBackend:
@@ -155,8 +160,7 @@ class ReplicateBackend:
         # Sent per request rather than as client defaults: the same pool fetches outputs from delivery
         # hosts, which must never see the token.
         self._auth = {"Authorization": f"Bearer {self.settings.api_token}"}
-        self._origin = self._origin_of(self.settings.base_url)
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = Background()  # cancels that outlive the generate() that started them
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -166,11 +170,7 @@ class ReplicateBackend:
 
     async def aclose(self) -> None:
         # Give in-flight cancellations a moment to reach Replicate, then drop them.
-        if self._background:
-            _, pending = await asyncio.wait(set(self._background), timeout=self.settings.cancel_timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._background.drain(self.settings.cancel_timeout)
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -188,15 +188,10 @@ class ReplicateBackend:
             raise BackendFailed(f"{self.spec.name}: not started")
         inputs = to_inputs(request, self.settings.mapping)
         with self._loads.track():
-            outcomes = await run_calls(
-                [lambda body=body: self._predict(request, body, clock) for body in inputs], parallel=True
-            )
-        # Concurrent predictions overlap: report the slowest one's stages, bill the sum of predict time.
-        for stage in ("remote_queue", "remote_predict"):
-            values = [o.timings[stage] for o in outcomes if stage in o.timings]
-            if values:
-                clock.stage(stage, max(values))
-        predict = [o.timings["remote_predict"] for o in outcomes if "remote_predict" in o.timings]
+            # Concurrent predictions overlap: the clock gets the slowest one's wait and stages.
+            outcomes = await fan_out([lambda k, body=body: self._predict(request, body, k) for body in inputs],
+                                     clock)
+        predict = [o.predict_s for o in outcomes if o.predict_s is not None]  # billed: the sum
         images = tuple(image for o in outcomes for image in o.images)
         usage = Usage(
             images=len(images),
@@ -213,7 +208,7 @@ class ReplicateBackend:
             # goes on so that its answer (the prediction id) lets us cancel the prediction.
             prediction = await asyncio.shield(create)
         except asyncio.CancelledError:
-            self._spawn(self._cancel_when_created(create))
+            self._background.spawn(self._cancel_when_created(create))
             raise
         try:
             prediction = await self._wait_terminal(request, prediction, clock)
@@ -291,27 +286,19 @@ class ReplicateBackend:
         if not prediction.outputs:
             raise BackendProtocolError(f"{name}: prediction succeeded without output")
         assert self._client is not None
+        for stage, seconds in prediction.timings.items():  # remote_queue / remote_predict
+            clock.stage(stage, seconds)
         images = await fetch_images(self._client, prediction.outputs, clock, backend=name,
                                     allowed_hosts=s.allowed_output_hosts, max_bytes=s.max_output_bytes,
                                     timeout=s.output_timeout)
-        return _Outcome(images=images, timings=prediction.timings)
+        return _Outcome(images=images, predict_s=prediction.timings.get("remote_predict"))
 
     # -- cancellation ---------------------------------------------------------------------------------------
-
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
 
     async def _cancel_shielded(self, prediction: Prediction) -> None:
         if prediction.terminal or self._client is None:
             return
-        task = self._spawn(self._cancel(prediction))
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            pass  # cancelled again while cancelling: the task goes on without us; the original error wins
+        await self._background.shielded(self._cancel(prediction))
 
     async def _cancel_when_created(self, create: asyncio.Future[Prediction]) -> None:
         try:
@@ -325,24 +312,14 @@ class ReplicateBackend:
         if prediction.terminal or prediction.id is None or self._client is None:
             return
         url = self._api_url(prediction.urls.get("cancel"), f"/v1/predictions/{prediction.id}/cancel")
-        try:
-            await asyncio.wait_for(
-                send(self._client, self._client.build_request("POST", url, headers=self._auth),
-                     StageClock(), backend=self.spec.name, secrets=self._secrets),
-                timeout=self.settings.cancel_timeout,
-            )
-        except (TimeoutError, BackendError):
-            pass
+        await best_effort(send(self._client, self._client.build_request("POST", url, headers=self._auth),
+                               StageClock(), backend=self.spec.name, secrets=self._secrets),
+                          self.settings.cancel_timeout)
 
     # -- helpers --------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _origin_of(url: str) -> tuple[str, str]:
-        parts = urlsplit(url)
-        return parts.scheme, parts.netloc.lower()
-
     def _api_url(self, url: str | None, fallback: str) -> str:
         """Use the URL the API gave only if it is on the API's own origin: we send the token there."""
-        if url and self._origin_of(url) == self._origin:
+        if url and same_origin(url, self.settings.base_url):
             return url
         return fallback

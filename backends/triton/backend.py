@@ -8,7 +8,6 @@ client goes away we only drop the connection (httpx closes it when the request t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
 
@@ -28,6 +27,7 @@ from backends.base import (
     Usage,
 )
 from backends.http import make_client, raise_for_status, send
+from backends.remote import fan_out, stop_task
 from backends.triton.codec import (
     CodecError,
     decode_response,
@@ -105,11 +105,8 @@ class TritonBackend:
         self._poller = asyncio.create_task(self._poll_ready(), name=f"triton-ready:{self.spec.name}")
 
     async def aclose(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+        await stop_task(self._poller)
+        self._poller = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -142,10 +139,9 @@ class TritonBackend:
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
         calls = split_calls(request, self.settings)
         with self._load.track():
-            if len(calls) == 1:
-                results = [await self._call(calls[0], clock)]
-            else:
-                results = await self._parallel(calls, clock)
+            # Side by side; the first failure (or our own cancellation) cancels the others, and the clock
+            # gets the longest wait, not the sum (see backends.remote.fan_out).
+            results = await fan_out([lambda k, c=c: self._call(c, k) for c in calls], clock)
         produced = [item for result in results for item in result]
         if len(produced) < request.n:
             raise BackendProtocolError(
@@ -160,25 +156,6 @@ class TritonBackend:
                 steps=request.steps,
             ),
         )
-
-    async def _parallel(self, calls: list[ImageRequest], clock: StageClock) -> list[list[tuple[Image, int]]]:
-        """Run the calls concurrently; the first failure (or our own cancellation) cancels the others.
-        Each call times its wire wait on its own clock and the attempt's clock gets the longest of them:
-        the waits overlap, so their sum would count the same wall time several times over."""
-        clocks = [StageClock() for _ in calls]
-        tasks = [asyncio.create_task(self._call(c, k)) for c, k in zip(calls, clocks)]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks)
-            clock.add_wait(max(k.backend_s for k in clocks))
-        # Retrieve every exception (not only the first) so none is reported as never retrieved.
-        errors = [t.exception() for t in tasks if not t.cancelled() and t.exception() is not None]
-        if errors:
-            raise errors[0]  # type: ignore[misc]
-        return [task.result() for task in tasks]
 
     async def _call(self, request: ImageRequest, clock: StageClock) -> list[tuple[Image, int]]:
         if self._client is None:

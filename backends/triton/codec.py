@@ -28,6 +28,7 @@ from PIL import Image as PILImage
 from backends import imaging
 from backends.base import Image, ImageRequest
 from backends.http import sniff_format
+from backends.remote import seeded_batches
 from backends.triton.config import Settings
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -70,13 +71,9 @@ def split_calls(request: ImageRequest, settings: Settings) -> list[ImageRequest]
     ``max_batch`` images, each starting at its own seed offset so no two images share a seed."""
     if settings.inputs.n is not None or request.n <= settings.max_batch:
         return [request]
-    calls = []
-    for first in range(0, request.n, settings.max_batch):
-        count = min(settings.max_batch, request.n - first)
-        seed = None if request.seed is None else request.seed + first
-        rid = f"{request.request_id}-{first // settings.max_batch}" if request.request_id else ""
-        calls.append(dataclasses.replace(request, n=count, seed=seed, request_id=rid))
-    return calls
+    return [dataclasses.replace(request, n=count, seed=seed,
+                                request_id=f"{request.request_id}-{i}" if request.request_id else "")
+            for i, (count, seed) in enumerate(seeded_batches(request.n, settings.max_batch, request.seed))]
 
 
 def _field_values(request: ImageRequest, field: str, rows: int) -> list[Any] | None:

@@ -1,0 +1,222 @@
+"""``FalBackend``: the client/queue side of fal (submit → poll → result, cancel on abandonment; or ``fal.run``).
+
+The protocol and the error mapping are described in the package docstring (``backends.fal``); the pure
+translation lives in ``backends.fal.mapping``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from backends.base import (
+    BackendSpec,
+    ImageRequest,
+    ImageResult,
+    Load,
+    LoadCounter,
+    StageClock,
+    Usage,
+)
+from backends.fal.config import MIN_START_TIMEOUT, FalSettings
+from backends.fal.mapping import (
+    FalOutput,
+    completed_error,
+    error_for,
+    from_output,
+    split_counts,
+    to_inputs,
+)
+from backends.http import json_body, make_client, send
+from backends.remote import (
+    Background,
+    best_effort,
+    fan_out,
+    fetch_images,
+    same_origin,
+)
+from gateway.errors import (
+    BackendOverloaded,
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+    scrub,
+)
+
+MAX_POLL_MISSES = 3  # consecutive transient status-poll failures tolerated while a request is queued/running
+
+
+@dataclass(slots=True)
+class _Call:
+    output: FalOutput
+    predict_s: float | None
+
+
+class FalBackend:
+    """``type: fal``. See the package docstring for the protocol and the error mapping."""
+
+    Settings = FalSettings
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.spec = spec
+        self.settings: FalSettings = spec.settings
+        self._client: httpx.AsyncClient | None = None
+        self._load = LoadCounter()
+        self._cancels = Background()  # shielded remote cancels still in flight
+        self._secrets = (self.settings.key,)
+        owner, alias = self.settings.app.split("/")[:2]
+        self._requests_base = f"{self.settings.queue_base_url.rstrip('/')}/{owner}/{alias}/requests"
+
+    async def start(self) -> None:
+        self._client = make_client(self.spec)
+
+    async def aclose(self) -> None:
+        await self._cancels.drain(self.settings.cancel_timeout)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def ready(self) -> bool:
+        return self._client is not None
+
+    def load(self) -> Load:
+        return self._load.snapshot()
+
+    async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
+        if self._client is None:
+            raise BackendUnavailable(f"{self.spec.name}: not started")
+        s = self.settings
+        inputs = to_inputs(request, s.input)
+        with self._load.track():
+            # Side by side: the clock gets the slowest call's wait and stages, not their sum.
+            calls = await fan_out([lambda k, p=p: self._call(p, request, k) for p in inputs], clock)
+            counts = split_counts(request.n, s.input)
+            refs = [ref for call, n in zip(calls, counts) for ref in call.output.images[:n]]
+            if len(refs) < request.n:
+                raise BackendProtocolError(f"{self.spec.name}: asked for {request.n} images, got {len(refs)}")
+            images = await fetch_images(self._client, [r.url for r in refs], clock, backend=self.spec.name,
+                                        allowed_hosts=s.allowed_output_hosts, max_bytes=s.max_output_bytes,
+                                        timeout=s.output_timeout)
+        predict = [c.predict_s for c in calls if c.predict_s is not None]
+        megapixels = sum((r.width or request.width) * (r.height or request.height) for r in refs) / 1e6
+        usage = Usage(images=len(refs), megapixels=megapixels, steps=request.steps,
+                      predict_seconds=sum(predict) if predict else None)
+        return ImageResult(tuple(images), usage)
+
+    # -- one fal call ---------------------------------------------------------------------------------
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Key {self.settings.key}"}
+
+    def _start_headers(self, request: ImageRequest) -> tuple[dict[str, str], bool]:
+        """Auth plus ``X-Fal-Request-Timeout``; also whether the deadline (not start_timeout) set it."""
+        headers = self._auth()
+        limit, remaining = self.settings.start_timeout, request.remaining()
+        deadline_bound = remaining is not None and (limit is None or remaining <= limit)
+        value = remaining if deadline_bound else limit
+        if value is not None:
+            if value <= MIN_START_TIMEOUT:
+                raise BackendTimeout(f"{self.spec.name}: too little time left to start a fal request")
+            headers["X-Fal-Request-Timeout"] = f"{value:.3f}"
+        return headers, deadline_bound
+
+    async def _api(self, method: str, url: str, clock: StageClock, *, deadline_bound: bool = True,
+                   **kwargs: Any) -> Any:
+        assert self._client is not None
+        kwargs.setdefault("headers", self._auth())
+        response = await send(self._client, self._client.build_request(method, url, **kwargs), clock,
+                              backend=self.spec.name, secrets=self._secrets)
+        error = error_for(response, backend=self.spec.name, secrets=self._secrets, deadline_bound=deadline_bound)
+        if error is not None:
+            raise error
+        return json_body(response, backend=self.spec.name)
+
+    async def _call(self, payload: dict, request: ImageRequest, clock: StageClock) -> _Call:
+        """One fal call; reports ``remote_queue``/``remote_predict`` on ``clock`` (this call's own)."""
+        headers, deadline_bound = self._start_headers(request)
+        if self.settings.mode == "sync":
+            url = f"{self.settings.run_base_url.rstrip('/')}/{self.settings.app}"
+            body = await self._api("POST", url, clock, json=payload, headers=headers, deadline_bound=deadline_bound)
+            output = from_output(body)
+            call = _Call(output, output.predict_seconds)
+        else:
+            url = f"{self.settings.queue_base_url.rstrip('/')}/{self.settings.app}"
+            submitted = await self._api("POST", url, clock, json=payload, headers=headers,
+                                        deadline_bound=deadline_bound)
+            call = await self._follow(submitted, request, clock, deadline_bound)
+        if call.predict_s is not None:
+            clock.stage("remote_predict", call.predict_s)
+        return call
+
+    def _urls(self, submitted: Any) -> tuple[str, str, str]:
+        """status/response/cancel URLs from the submit answer, only if on the queue origin."""
+        if not isinstance(submitted, Mapping) or not isinstance(submitted.get("request_id"), str):
+            raise BackendProtocolError(f"{self.spec.name}: submit answer has no request_id")
+        base = f"{self._requests_base}/{submitted['request_id']}"
+        urls = (submitted.get("status_url") or f"{base}/status", submitted.get("response_url") or base,
+                submitted.get("cancel_url") or f"{base}/cancel")
+        for url in urls:
+            if not isinstance(url, str) or not same_origin(url, self.settings.queue_base_url):
+                self._cancels.spawn(self._put_cancel(f"{base}/cancel"))  # the request exists: don't leave it
+                raise BackendProtocolError(f"{self.spec.name}: queue URL outside {self.settings.queue_base_url}")
+        return urls  # type: ignore[return-value]
+
+    async def _follow(self, submitted: Any, request: ImageRequest, clock: StageClock, deadline_bound: bool) -> _Call:
+        status_url, response_url, cancel_url = self._urls(submitted)
+        started, queue_s, completed = time.monotonic(), None, False
+        total_deadline = started + self.spec.timeouts.total
+        deadline = min(total_deadline, request.deadline) if request.deadline is not None else total_deadline
+        misses, state = 0, "IN_QUEUE"
+        try:
+            while True:
+                try:
+                    status = await self._api("GET", status_url, clock, params={"logs": "0"})
+                    state, misses = status.get("status") if isinstance(status, Mapping) else None, 0
+                except (BackendUnavailable, BackendOverloaded, BackendProtocolError):
+                    # A status blip must not throw away work that is queued or running: poll again.
+                    misses += 1
+                    if misses > MAX_POLL_MISSES:
+                        raise
+                if state in ("IN_PROGRESS", "COMPLETED") and queue_s is None:
+                    queue_s = time.monotonic() - started
+                    clock.stage("remote_queue", queue_s)
+                if state == "COMPLETED":
+                    completed = True
+                    break
+                if state != "IN_QUEUE" and state != "IN_PROGRESS":
+                    raise BackendProtocolError(f"{self.spec.name}: unknown queue status {scrub(str(state))!r}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BackendTimeout(f"{self.spec.name}: still {state} at the deadline")
+                with clock.waiting():
+                    await asyncio.sleep(min(self.settings.poll_interval, left))
+            result = await self._result(status, response_url, clock, deadline_bound)
+        except BaseException:
+            if not completed:
+                await self._cancels.shielded(self._put_cancel(cancel_url))
+            raise
+        metrics = status.get("metrics")
+        predict = result.predict_seconds
+        if predict is None and isinstance(metrics, Mapping) and isinstance(metrics.get("inference_time"), (int, float)):
+            predict = float(metrics["inference_time"])
+        return _Call(result, predict)
+
+    async def _result(self, status: Mapping, response_url: str, clock: StageClock, deadline_bound: bool) -> FalOutput:
+        body = await self._api("GET", response_url, clock, deadline_bound=deadline_bound)
+        # COMPLETED with an error, yet the result URL answered 2xx.
+        error = completed_error(status, backend=self.spec.name, secrets=self._secrets)
+        if error is not None:
+            raise error
+        return from_output(body)
+
+    async def _put_cancel(self, url: str) -> None:
+        """Cancel a queued/running request: best effort, within ``cancel_timeout``."""
+        if self._client is None:
+            return
+        await best_effort(self._client.put(url, headers=self._auth(), timeout=self.settings.cancel_timeout),
+                          self.settings.cancel_timeout)
