@@ -18,9 +18,9 @@ Everything here runs on the worker thread; nothing touches the event loop.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import structlog
@@ -29,6 +29,7 @@ import torch
 from .cudagraph import CapturedLoop, capture_loop
 from .scheduler import DPMSolver2MKarras
 from .settings import Resolved, Settings
+from .support import EmbeddingCache, StageTimer, to_device, to_uint8
 
 log = structlog.get_logger("imagegate.local_sdxl")
 
@@ -64,53 +65,6 @@ class RunOutput:
     graphed: bool = False
 
 
-class StageTimer:
-    """Marks stage boundaries. CUDA: events recorded on the stream, read only after the final copy has
-    synchronized (so timing adds no sync). CPU: perf_counter."""
-
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self.marks: list[tuple[str, Any]] = []
-
-    def mark(self, name: str) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append((name, event))
-        else:
-            self.marks.append((name, time.perf_counter()))
-
-    def read(self) -> dict[str, float]:
-        """Seconds between consecutive marks, named by the later mark. Call after the device is idle."""
-        out: dict[str, float] = {}
-        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
-            out[name] = a.elapsed_time(b) / 1000.0 if self.cuda else b - a
-        return out
-
-
-class EmbeddingCache:
-    """LRU of (prompt, negative) → (cond, pooled, uncond, uncond_pooled), device tensors."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.entries: OrderedDict[tuple[str, str | None], tuple[torch.Tensor, ...]] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def get(self, key: tuple[str, str | None], compute: Callable[[], tuple[torch.Tensor, ...]]):
-        found = self.entries.get(key)
-        if found is not None:
-            self.entries.move_to_end(key)
-            self.hits += 1
-            return found
-        self.misses += 1
-        value = compute()
-        if self.size:
-            self.entries[key] = value
-            while len(self.entries) > self.size:
-                self.entries.popitem(last=False)
-        return value
-
-
 class SDXLPipeline:
     """Owns the components on one device. Not thread-safe: used by one worker thread."""
 
@@ -128,12 +82,24 @@ class SDXLPipeline:
         self.vae_dtype = next(self.vae.parameters()).dtype
         self.taesd_dtype = next(self.taesd.parameters()).dtype if self.taesd is not None else None
         self.scheduler = DPMSolver2MKarras.from_config(components.scheduler_config)
+        # latents → VAE input: z = latents * scale + shift (diffusers: latents * std / sf + mean, or / sf).
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            view = (1, len(mean), 1, 1)
+            self.vae_scale_t = to_device(torch.tensor(std).view(view) / config.scaling_factor, device)
+            self.vae_shift_t = to_device(torch.tensor(mean).view(view), device)
+        else:
+            self.vae_scale_t, self.vae_shift_t = 1.0 / config.scaling_factor, 0.0
+        self.taesd_scale = 1.0 / self.taesd.config.scaling_factor if self.taesd is not None else 1.0
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_channels = self.unet.config.in_channels
         self.cache = EmbeddingCache(settings.embed_cache_size)
         self._plans: dict[int, Any] = {}
         self._time_ids: dict[tuple[int, int, int], torch.Tensor] = {}
         self.graphs: dict[tuple[int, int, int, int], CapturedLoop] = {}
+        self.warm_run_s = 0.0
+        self.warm_timings: dict[str, float] = {}
         self.runs = 0  # device runs served (tests count batching with it)
         self._check_decoders()
         # The callables the hot path uses; setup() swaps in compiled versions.
@@ -146,7 +112,8 @@ class SDXLPipeline:
     def _check_decoders(self) -> None:
         if self.taesd is None:
             return
-        taesd_scale = 2 ** (len(self.taesd.config.decoder_block_out_channels) - 1)
+        config = self.taesd.config
+        taesd_scale = config.upsampling_scaling_factor ** (len(config.decoder_block_out_channels) - 1)
         if taesd_scale != self.vae_scale:
             raise RuntimeError(f"TAESD upsamples {taesd_scale}x but the VAE {self.vae_scale}x: they cannot "
                                "decode the same latents")
@@ -161,6 +128,10 @@ class SDXLPipeline:
         for module in (self.unet, self.vae, self.taesd, self.c.text_encoder, self.c.text_encoder_2):
             if module is not None:
                 module.eval().requires_grad_(False)
+        if self.cuda:
+            # Fixed shapes: let cuDNN time its convolution algorithms once per shape (at warm-up) and keep
+            # the fastest; the VAE decoder and the UNet's convolutions are most of the non-attention time.
+            torch.backends.cudnn.benchmark = True
         if self.resolved.channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
@@ -199,7 +170,7 @@ class SDXLPipeline:
             if expected != passed:
                 raise RuntimeError(f"UNet expects an added embedding of {expected}, the encoders give {passed}")
             row = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype)
-            ids = self._time_ids[key] = row.repeat(2 * batch, 1).to(self.device)
+            ids = self._time_ids[key] = to_device(row.repeat(2 * batch, 1), self.device)
         return ids
 
     # -- stages -----------------------------------------------------------------------------------------
@@ -210,7 +181,7 @@ class SDXLPipeline:
         for tokenizer, encoder in ((self.c.tokenizer, self.c.text_encoder), (self.c.tokenizer_2, self.c.text_encoder_2)):
             ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                             return_tensors="pt").input_ids
-            out = encoder(ids.to(self.device), output_hidden_states=True)
+            out = encoder(to_device(ids, self.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds
                 pooled = out[0]
@@ -251,7 +222,7 @@ class SDXLPipeline:
         # keeping the CFG rows keeps the compiled/captured shape.
         values = [max(1.0, g) for g in batch.guidance]
         values += [values[-1]] * (batch.padded - len(values))
-        return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).to(self.device)
+        return to_device(torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1), self.device)
 
     def denoise(self, unet: Callable[..., Any], plan: Any, latents: torch.Tensor, embeds: torch.Tensor,
                 pooled: torch.Tensor, time_ids: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
@@ -272,23 +243,17 @@ class SDXLPipeline:
 
     def _decode_full(self, latents: torch.Tensor) -> torch.Tensor:
         """SDXL VAE in its own dtype (bf16 by default on CUDA: no fp32 upcast) → uint8 NHWC."""
-        config = self.vae.config
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            view = (1, len(mean), 1, 1)
-            mean_t = torch.tensor(mean, device=latents.device).view(view)
-            std_t = torch.tensor(std, device=latents.device).view(view)
-            z = latents * std_t / config.scaling_factor + mean_t
-        else:
-            z = latents / config.scaling_factor
-        image = self.vae.decode(z.to(self.vae_dtype), return_dict=False)[0]
-        return to_uint8(image)
+        z = (latents * self.vae_scale_t + self.vae_shift_t).to(self.vae_dtype)
+        if self.resolved.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        return to_uint8(self.vae.decode(z, return_dict=False)[0])
 
     def _decode_taesd(self, latents: torch.Tensor) -> torch.Tensor:
         """TAESD decodes UNet-space latents directly (scaling_factor 1.0); output in [-1, 1] like the VAE."""
-        z = latents / self.taesd.config.scaling_factor
-        image = self.taesd.decode(z.to(self.taesd_dtype), return_dict=False)[0]
-        return to_uint8(image)
+        z = (latents * self.taesd_scale).to(self.taesd_dtype)
+        if self.resolved.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        return to_uint8(self.taesd.decode(z, return_dict=False)[0])
 
     # -- one run ----------------------------------------------------------------------------------------
 
@@ -334,7 +299,9 @@ class SDXLPipeline:
             took[name] = time.perf_counter() - start
             log.info("local_sdxl.warmed", phase=name, seconds=round(took[name], 3), **fields)
 
-        phase("text_encoders", lambda: (self._encode_one("warm-up"), self._encode_one("")))
+        # The first encode pays one-time costs (kernel selection, allocator growth): measured on its own.
+        phase("text_encode_cold", lambda: self._encode_one("warm-up"))
+        phase("text_encode_second", lambda: self._encode_one(""))
         # Compiling needs one call per shape; 2 steps suffice (the scheduler is not compiled).
         steady_steps = self.settings.default_steps if self.cuda else 2
         for s in self.resolved.shapes:
@@ -350,6 +317,14 @@ class SDXLPipeline:
                 batch = self._warm_batch(s.width, s.height, s.batch, steady_steps, decoder)
                 for _ in range(self.settings.warmup_runs):
                     phase(f"steady:{size}:{decoder}", lambda b=batch: self.run(b), shape=size, decoder=decoder)
+        # Seeds the worker's run-time estimate (scaled when the CPU warm-up ran fewer steps).
+        steady = [v for k, v in took.items() if k.startswith("steady:")]
+        if steady:
+            self.warm_run_s = max(steady) * self.settings.default_steps / steady_steps
+        elif not self.resolved.compile:  # no steady runs: the 2-step first runs are representative enough
+            first = [v for k, v in took.items() if k.startswith("first_run:")]
+            self.warm_run_s = max(first, default=0.0) * self.settings.default_steps / 2
+        self.warm_timings = took
         return took
 
     def _warm_batch(self, width: int, height: int, padded: int, steps: int, decoder: str) -> Batch:
@@ -384,8 +359,44 @@ class SDXLPipeline:
         return None
 
 
-def to_uint8(image: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] NCHW → uint8 NHWC on the device (a quarter of the bytes to copy out)."""
-    image = (image.float() / 2 + 0.5).clamp(0, 1)
-    return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu. CUDA devices get an explicit index."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__})")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA devices exist")
+    return device
 
+
+def build_pipeline(settings: Settings) -> SDXLPipeline:
+    """Load the components, apply the tunings, compile and warm every listed shape. Runs on the worker
+    thread; logs each phase with its duration."""
+    from .presets import load_components
+
+    device = resolve_device(settings.device)
+    if device.type == "cuda":
+        # This thread's current device: streams, events and generators without an index land on it.
+        torch.cuda.set_device(device)
+    resolved = settings.resolve(device.type == "cuda")
+    what = f"preset {settings.preset}" if settings.preset else f"model {settings.model}"
+    log.info("local_sdxl.loading", what=what, device=str(device), dtype=resolved.dtype, vae_dtype=resolved.vae_dtype,
+             compile=resolved.compile, cuda_graphs=resolved.cuda_graphs, shapes=resolved.describe_shapes())
+    start = time.perf_counter()
+    components = load_components(
+        preset=settings.preset, model=settings.model, taesd=settings.taesd, device=device,
+        dtype=DTYPES[resolved.dtype], vae_dtype=DTYPES[resolved.vae_dtype], seed=settings.seed,
+        local_files_only=settings.local_files_only, variant=settings.variant,
+        progress=lambda line: log.info("local_sdxl.load_progress", step=line))
+    log.info("local_sdxl.loaded", source=components.source, seconds=round(time.perf_counter() - start, 3))
+    pipeline = SDXLPipeline(components, settings, resolved, device)
+    pipeline.setup()
+    start = time.perf_counter()
+    pipeline.warm()
+    log.info("local_sdxl.warm", seconds=round(time.perf_counter() - start, 3), decoders=list(pipeline.decoders))
+    return pipeline

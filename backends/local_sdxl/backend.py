@@ -1,0 +1,142 @@
+"""``LocalSDXLBackend``: the embedded SDXL pipeline behind the gateway's backend contract.
+
+The event loop only validates, enqueues and awaits; the device worker (``worker.py``) loads, compiles,
+warms and runs everything. Importing this module does not import torch (``imagegate check`` reads
+``LocalSDXLBackend.Settings``); ``start()`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import structlog
+
+from backends.base import OUTPUT_FORMATS, BackendSpec, ImageRequest, ImageResult, Load, LoadCounter, StageClock, Usage
+from gateway.errors import BackendUnavailable, InvalidRequest
+
+from .settings import Resolved, Settings
+from .worker import Job, JobResult, Worker
+
+log = structlog.get_logger("imagegate.local_sdxl")
+
+STAGES = ("queue", "text_encode", "denoise", "decode", "encode")
+
+
+def describe(settings: Settings) -> str:
+    """What this backend serves, for logs and /v1/models (says plainly when images are noise)."""
+    if settings.preset == "tiny":
+        return "preset tiny: test-size SDXL with random weights, images are noise"
+    if settings.preset == "sdxl-random":
+        return "preset sdxl-random: full-size SDXL architecture with random weights (benchmarks), images are noise"
+    return f"SDXL {settings.model}" + (f" + TAESD {settings.taesd}" if settings.taesd else "")
+
+
+class LocalSDXLBackend:
+    """One SDXL pipeline on one device. For several GPUs, configure one backend per ``device``."""
+
+    Settings = Settings
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.spec = spec
+        self.settings: Settings = spec.settings
+        self.description = describe(self.settings)
+        self.resolved: Resolved | None = None
+        self.worker: Worker | None = None
+        self.startup_s: dict[str, float] = {}
+        self._counter = LoadCounter()
+        self._ready = False
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load, compile and warm every listed shape on the worker thread; ready only afterwards."""
+        from .pipeline import build_pipeline
+
+        settings = self.settings
+        holder: dict[str, Resolved] = {}
+
+        def factory():
+            pipeline = build_pipeline(settings)
+            holder["resolved"] = pipeline.resolved
+            return pipeline
+
+        # max_batch depends on the device ("auto" shapes); the worker reads it through these closures.
+        worker = Worker(
+            self.spec.name, factory,
+            padded_batch=lambda w, h, n: holder["resolved"].padded_batch(w, h, n),
+            max_batch=settings.max_batch or max(s.batch for s in settings.listed_shapes),
+            max_wait_s=settings.max_wait_ms / 1000.0, queue_size=settings.queue_size)
+        self.worker = worker
+        pipeline = await asyncio.wrap_future(worker.start())
+        self.resolved = pipeline.resolved
+        self.description = f"{describe(settings)} [{getattr(pipeline.c, 'source', '')}]".replace(" []", "")
+        log.info("local_sdxl.ready", backend=self.spec.name, source=self.description,
+                 shapes=self.resolved.describe_shapes(), decoders=list(pipeline.decoders))
+        self._ready = True
+
+    async def aclose(self) -> None:
+        self._ready = False
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.stop)
+
+    def ready(self) -> bool:
+        return self._ready and self.worker is not None and self.worker.broken is None
+
+    def load(self) -> Load:
+        if self.worker is None:
+            return Load(in_flight=self._counter.in_flight)
+        return Load(in_flight=self._counter.in_flight, queue_depth=self.worker.queue_depth(),
+                    est_wait_s=self.worker.est_wait_s())
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def make_job(self, request: ImageRequest, loop: asyncio.AbstractEventLoop) -> Job:
+        """Validate ``request`` against this backend's settings and turn it into a queued job."""
+        settings, resolved = self.settings, self.resolved
+        assert resolved is not None and self.worker is not None
+        decoder = request.options.get("decoder", settings.default_decoder)
+        decoders = self.worker.pipeline.decoders
+        if decoder not in decoders:
+            raise InvalidRequest(f"{self.spec.name}: decoder {decoder!r} is not available "
+                                 f"(available: {', '.join(decoders)})", param="decoder")
+        if request.output_format not in OUTPUT_FORMATS:
+            raise InvalidRequest(f"output_format {request.output_format!r} is not supported", param="output_format")
+        eager = resolved.padded_batch(request.width, request.height, request.n) is None
+        if eager and settings.unlisted_shape == "refuse":
+            raise InvalidRequest(
+                f"{self.spec.name}: {request.size} with n={request.n} is not one of the compiled shapes "
+                f"({resolved.describe_shapes()}, as WIDTHxHEIGHTxBATCH); this backend refuses other shapes",
+                param="size")
+        if eager:
+            log.warning("local_sdxl.unlisted_shape", backend=self.spec.name, size=request.size, n=request.n,
+                        note="running uncompiled")
+        base = request.seed if request.seed is not None else secrets.randbelow(2**62)
+        return Job(
+            prompt=request.prompt, negative=request.negative_prompt, n=request.n,
+            seeds=tuple((base + i) % 2**63 for i in range(request.n)),
+            guidance=settings.default_guidance if request.guidance_scale is None else request.guidance_scale,
+            width=request.width, height=request.height, steps=request.steps or settings.default_steps,
+            decoder=decoder, eager=eager, output_format=request.output_format,
+            compression=request.output_compression, deadline=request.deadline, loop=loop,
+            future=loop.create_future())
+
+    async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
+        if not self.ready():
+            raise BackendUnavailable(f"{self.spec.name}: not ready")
+        with self._counter.track():
+            job = self.make_job(request, asyncio.get_running_loop())
+            self.worker.submit(job)  # type: ignore[union-attr]
+            try:
+                with clock.waiting():
+                    result: JobResult = await job.future
+            except asyncio.CancelledError:
+                job.cancel()  # still queued → never runs; already running → its result is dropped
+                raise
+        for name in STAGES:
+            if name in result.stages:
+                clock.stage(name, result.stages[name])
+        return ImageResult(
+            images=result.images,
+            usage=Usage(images=request.n, megapixels=request.n * request.megapixels, steps=job.steps,
+                        gpu_seconds=result.gpu_seconds))
