@@ -80,7 +80,10 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port or config.server.port
     # Production settings: uvloop + httptools, no access log (the gateway writes its own line per request).
-    kwargs = dict(host=host, port=port, loop="auto", http="auto", access_log=False, log_level="warning",
+    from gateway.server import protocol
+
+    # http=protocol(): uvicorn's httptools protocol, one write per response, clock from request arrival.
+    kwargs = dict(host=host, port=port, loop="auto", http=protocol(), access_log=False, log_level="warning",
                   timeout_keep_alive=30)
     if args.workers > 1:
         os.environ["IMAGEGATE_CONFIG"] = config.source

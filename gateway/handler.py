@@ -11,9 +11,9 @@ every request (request/response object construction, middleware stacks). The pat
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -32,14 +32,46 @@ from gateway.errors import (
 )
 from gateway.images import ImageStore
 from gateway.metrics import Metrics
+from gateway.server import RECEIVED_AT
 from gateway.timing import RequestTiming
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _JSON = (b"content-type", b"application/json")
 
 
+WATCH_AFTER_S = 0.05
+
+
 class _Disconnected(Exception):
     pass
+
+
+class _Watch:
+    """Cancels ``task`` when the client disconnects; started lazily by ``_dispatch_watching``."""
+
+    __slots__ = ("task", "receive", "gone", "watcher")
+
+    def __init__(self, task: asyncio.Task[Any], receive: Any) -> None:
+        self.task = task
+        self.receive = receive
+        self.gone = False
+        self.watcher: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                # This task only runs while the dispatch awaits, so the cancel lands inside the dispatch.
+                self.gone = True
+                self.task.cancel()
+                return
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 class GenerationsHandler:
@@ -62,11 +94,13 @@ class GenerationsHandler:
         self._static_headers = [_JSON] + ([(b"timing-allow-origin", tao.encode("latin-1"))] if tao else [])
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        timing = RequestTiming()
+        extensions = scope.get("extensions")
+        timing = RequestTiming(extensions.get(RECEIVED_AT) if extensions else None)
         server = self.config.server
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         incoming_id = headers.get("x-request-id")
-        request_id = incoming_id if incoming_id and _REQUEST_ID.match(incoming_id) else uuid.uuid4().hex
+        # 128 random bits as 32 hex digits (what uuid4().hex gives, without building a UUID object).
+        request_id = incoming_id if incoming_id and _REQUEST_ID.match(incoming_id) else os.urandom(16).hex()
         request: ImageRequest | None = None
         served: Served | None = None
         error: ImagegateError | None = None
@@ -150,28 +184,23 @@ class GenerationsHandler:
     async def _dispatch_watching(
         self, request: ImageRequest, timing: RequestTiming, max_cost: float | None, receive: Any
     ) -> Served:
-        """Run the dispatch; if the client disconnects meanwhile, cancel it (which cancels remote work)."""
-        work = asyncio.ensure_future(self.dispatcher.dispatch(request, timing, max_cost))
-        gone = False
+        """Run the dispatch; if the client disconnects meanwhile, cancel it (which cancels remote work).
 
-        async def watch() -> None:
-            nonlocal gone
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    gone = True
-                    work.cancel()
-                    return
-
-        watcher = asyncio.ensure_future(watch())
+        The dispatch runs in this task; a watcher task (waiting for ``http.disconnect``) is started only
+        once the dispatch has taken ``WATCH_AFTER_S``: a fast answer never pays for a second task, and a
+        slow one (image generation takes seconds) learns of a disconnect at most that much later."""
+        watch = _Watch(asyncio.current_task(), receive)  # type: ignore[arg-type]
+        handle = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch.start)
         try:
-            return await work
+            return await self.dispatcher.dispatch(request, timing, max_cost)
         except asyncio.CancelledError:
-            if gone:
+            if watch.gone:
+                watch.task.uncancel()
                 raise _Disconnected from None
             raise
         finally:
-            watcher.cancel()
+            handle.cancel()
+            watch.stop()
 
     async def _render(self, served: Served, request: ImageRequest, scope: dict[str, Any]) -> bytes:
         images = served.result.images

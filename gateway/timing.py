@@ -15,8 +15,9 @@ from backends.base import StageClock
 class RequestTiming:
     __slots__ = ("start", "backend_s", "stages", "attempts", "end")
 
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
+    def __init__(self, start: float | None = None) -> None:
+        # ``start``: when the server received the request (``gateway.server``), if it says; else now.
+        self.start = start or time.perf_counter()
         self.backend_s = 0.0
         self.stages: dict[str, float] = {}
         self.attempts = 0
