@@ -25,12 +25,13 @@ def describe(config: Config) -> str:
     from backends.base import ImageRequest
 
     lines = [f"config: {config.source}", "", "backends:"]
-    probe = ImageRequest(prompt="", width=1024, height=1024)
+    width, _, height = config.server.default_size.partition("x")
+    probe = ImageRequest(prompt="", width=int(width), height=int(height))
     for name, b in config.backends.items():
         est = estimate(b.cost, probe)
         lines.append(
             f"  {name:<16} type={b.type:<11} quality={b.quality:<4} required={str(b.required).lower():<5} "
-            f"price: {_fmt_price(config, name)} (1024x1024 x1 ≈ {'unknown' if est is None else f'${est:.4f}'})"
+            f"price: {_fmt_price(config, name)} ({probe.size} x1 ≈ {'unknown' if est is None else f'${est:.4f}'})"
         )
     for name, why in config.disabled.items():
         lines.append(f"  {name:<16} disabled: {why}")
