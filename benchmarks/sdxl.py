@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="hub id or folder with real weights (instead of --preset)")
     ap.add_argument("--taesd", help="TAESD hub id or folder (with --model)")
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
-    ap.add_argument("--size", type=int, help="square image side (default 1024 on CUDA, 64 on CPU)")
+    ap.add_argument("--size", type=int, help="square image side (default 1024 on CUDA, 256 on CPU)")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--also-steps", type=int, default=30, help="second step count for the total (0 = skip)")
     ap.add_argument("--guidance", type=float, default=5.0)
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     on_cuda = a.device.startswith("cuda")
     if a.model is None and a.preset is None:
         a.preset = "sdxl-random" if on_cuda else "tiny"
-    a.size = a.size or (1024 if on_cuda else 64)
+    a.size = a.size or (1024 if on_cuda else 256)
     a.batches = [int(x) for x in a.batches.split(",") if x]
     a.also_steps = a.also_steps or None
     b = Bench(a)
