@@ -19,6 +19,7 @@ Readiness comes from a background task polling ``/health-check`` every ``health_
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -83,6 +84,10 @@ class Settings:
     cancel_timeout: float = 2.0
     # Re-sends of a create that could not connect (safe: the id is ours, see the module docstring).
     connect_retries: int = 2
+    # How long a create that met 409 "busy" is re-sent before the gateway is told the container is
+    # overloaded. cog frees its slot a moment after answering, so back-to-back predictions (``n`` split into
+    # several calls, or two requests in a row) can meet a 409 that lasts only milliseconds.
+    busy_wait_s: float = 0.5
     # One prediction at a time by default: a cog container has one slot unless built with more, and a
     # second concurrent request would only meet a 409.
     parallel: bool = False
@@ -178,17 +183,28 @@ class CogBackend:
         assert self._client is not None
         name = self.spec.name
         prediction_id = uuid.uuid4().hex
-        try:
-            response = await self._put(request, prediction_id, model_input, clock)
-        except BackendUnavailable:
-            self._ready = False  # the health loop brings it back
-            raise
-        except BaseException:
-            # Cancelled, timed out or broken mid-answer: the prediction may be running; nobody will read it.
-            await self._cancel_shielded(prediction_id)
-            raise
-        if response.status_code == 409:
-            raise BackendOverloaded(f"{name}: busy (409): every prediction slot is taken")
+        busy_until = time.monotonic() + self.settings.busy_wait_s
+        if request.deadline is not None:
+            busy_until = min(busy_until, request.deadline)
+        pause = 0.02
+        while True:
+            try:
+                response = await self._put(request, prediction_id, model_input, clock)
+            except BackendUnavailable:
+                self._ready = False  # the health loop brings it back
+                raise
+            except BaseException:
+                # Cancelled, timed out or broken mid-answer: the prediction may be running; nobody will read it.
+                await self._cancel_shielded(prediction_id)
+                raise
+            if response.status_code != 409:
+                break
+            if time.monotonic() + pause > busy_until:
+                raise BackendOverloaded(f"{name}: busy (409): every prediction slot is taken")
+            # Re-sending the same id is safe: a 409 means the container did not take this prediction.
+            with clock.waiting():
+                await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
         raise_for_status(response, backend=name, secrets=self._secrets)
         if response.status_code == 202:
             # Only a prediction with this id already running answers 202; we cannot read its result.

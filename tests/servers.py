@@ -107,3 +107,10 @@ def serve_gateway(config, backends=None, *, ready_timeout: float = 60.0) -> Iter
                 raise TimeoutError(f"gateway not ready after {ready_timeout}s: {httpx.get(base + '/readyz').text}")
             time.sleep(0.05)
         yield base
+
+
+def post_generation(base: str, body: dict | bytes, *, timeout: float = 30.0, **kwargs) -> httpx.Response:
+    """``POST {base}/v1/images/generations`` with a JSON body (or raw bytes), as a client would."""
+    if isinstance(body, (bytes, bytearray)):
+        return httpx.post(base + "/v1/images/generations", content=body, timeout=timeout, **kwargs)
+    return httpx.post(base + "/v1/images/generations", json=body, timeout=timeout, **kwargs)

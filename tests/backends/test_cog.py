@@ -29,6 +29,7 @@ from backends.settings import SettingsError, build
 from gateway.errors import BackendOverloaded, BackendRejected, BackendUnavailable
 from tests.fakes.replicate_fake import FakeReplicate
 from tests.servers import free_port, run_process
+from tests.servers import post_generation as _generate
 
 ROOT = Path(__file__).resolve().parents[2]
 PREDICTOR = ROOT / "tests" / "fakes" / "cog_predictor" / "predict.py"
@@ -283,8 +284,6 @@ default_tier: standard
         yield base
 
 
-def _generate(gateway: str, body: dict, timeout: float = 30) -> httpx.Response:
-    return httpx.post(gateway + "/v1/images/generations", json=body, timeout=timeout)
 
 
 @pytest.mark.thirdparty

@@ -34,7 +34,8 @@ from gateway.errors import (
     OutputFetchError,
     OutputNotAllowed,
 )
-from tests.fakes.fal_fake import FalFake, Failure
+from tests.fakes.fal_fake import Failure, FalFake
+from tests.servers import post_generation as _post
 
 # -- pure: request mapping ---------------------------------------------------------------------------
 
@@ -497,8 +498,6 @@ def gateway(served: FalFake) -> Iterator[str]:
         yield base
 
 
-def _post(base: str, body: dict, timeout: float = 30) -> httpx.Response:
-    return httpx.post(base + "/v1/images/generations", json=body, timeout=timeout)
 
 
 def test_gateway_success(gateway: str, fake: FalFake) -> None:

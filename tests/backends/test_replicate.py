@@ -36,6 +36,7 @@ from gateway.errors import (
     OutputNotAllowed,
 )
 from tests.fakes.replicate_fake import MODELS, TOKEN, FakeReplicate, Scenario
+from tests.servers import post_generation as _post
 
 # -- pure: request → input ---------------------------------------------------------------------------------
 
@@ -517,8 +518,6 @@ def gateway(served: FakeReplicate) -> Iterator[str]:
         yield base
 
 
-def _post(base: str, body: dict, timeout: float = 30) -> httpx.Response:
-    return httpx.post(base + "/v1/images/generations", json=body, timeout=timeout)
 
 
 def test_gateway_success(gateway: str, fake: FakeReplicate) -> None:

@@ -19,7 +19,14 @@ from PIL import Image as PILImage
 
 from backends.base import BackendSpec, Image, ImageRequest, StageClock, Timeouts
 from backends.settings import SettingsError, build
-from backends.triton import CodecError, Settings, TritonBackend, decode_response, encode_request, split_calls
+from backends.triton import (
+    CodecError,
+    Settings,
+    TritonBackend,
+    decode_response,
+    encode_request,
+    split_calls,
+)
 from backends.triton.codec import encode_array, infer_path, ready_path, to_images
 from gateway.errors import (
     BackendFailed,
@@ -31,6 +38,7 @@ from gateway.errors import (
 from tests.fakes.triton_models.fake_v2 import FakeV2
 from tests.fakes.triton_models.image_model import FAIL_PROMPT, render
 from tests.servers import free_port, serve_app
+from tests.servers import post_generation as post
 
 BASE = {"base_url": "http://127.0.0.1:1", "model": "image"}
 SIZE_INPUTS = {"seed": {"name": "seed"}, "width": {"name": "width"}, "height": {"name": "height"}}
@@ -537,8 +545,6 @@ def gateway(two_fakes):
         yield base
 
 
-def post(base: str, body: dict, timeout: float = 30.0) -> httpx.Response:
-    return httpx.post(f"{base}/v1/images/generations", json=body, timeout=timeout)
 
 
 def test_gateway_serves_through_triton(gateway, two_fakes):

@@ -16,6 +16,7 @@ from gateway.config import load_config_text
 from tests.fakes.openai_stub import OpenAIStub
 from tests.fakes.raw_server import serve_raw
 from tests.servers import free_port, serve_app, serve_gateway
+from tests.servers import post_generation as post
 
 SECRET = "sk-test-SECRET-0123456789abcdef"
 
@@ -71,10 +72,6 @@ def reset(stubs):
     bad.script.clear(), good.script.clear(), bad.seen.clear(), good.seen.clear()
 
 
-def post(base: str, body: dict | bytes, **kw) -> httpx.Response:
-    if isinstance(body, dict):
-        return httpx.post(base + "/v1/images/generations", json=body, timeout=30, **kw)
-    return httpx.post(base + "/v1/images/generations", content=body, timeout=30, **kw)
 
 
 def server_timing(resp: httpx.Response) -> dict[str, float]:
