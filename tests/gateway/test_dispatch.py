@@ -138,5 +138,6 @@ async def test_cancellation_reaches_the_backend():
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert seen == [("a", "gateway.client_disconnected", pytest.approx(0.05, abs=0.04))]
+    assert len(seen) == 1 and seen[0][:2] == ("a", "gateway.client_disconnected")
+    assert seen[0][2] >= 0.04  # the time spent waiting before the cancel is still backend time
     assert not backends["b"].calls

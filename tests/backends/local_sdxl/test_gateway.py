@@ -178,7 +178,8 @@ async def test_concurrent_requests_share_one_device_run(served, hooks):
         hooks["primary"].gate.set()
         responses = await asyncio.gather(busy, *pair)
     assert all(r.status_code == 200 for r in responses)
-    assert [[p for p, _ in b.prompts] for b in hooks["primary"].batches] == [["blocker"], ["twin 0", "twin 1"]]
+    # The two requests race over separate connections: either may be queued first.
+    assert [sorted(p for p, _ in b.prompts) for b in hooks["primary"].batches] == [["blocker"], ["twin 0", "twin 1"]]
     assert image_of(responses[1]).tobytes() != image_of(responses[2]).tobytes()
 
 
