@@ -149,7 +149,9 @@ class Dispatcher:
                     raise BackendTimeout(f"{name}: no answer within {timeout:.1f}s") from None
             if len(result.images) != request.n:
                 raise BackendFailed(f"{name}: returned {len(result.images)} images, {request.n} asked")
-            self.stats.record_success(name, time.perf_counter() - started, request.n)
+            usage = result.usage
+            billed = usage.gpu_seconds if usage.gpu_seconds is not None else usage.predict_seconds
+            self.stats.record_success(name, time.perf_counter() - started, request.n, billed)
             return result
         except ImagegateError as exc:
             outcome = exc.outcome

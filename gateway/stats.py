@@ -1,7 +1,7 @@
 """Live per-backend statistics behind the router's immutable ``BackendStats`` snapshots.
 
 Updated by the dispatcher after each attempt; read by the router through ``snapshot()``. EWMA latency
-(and seconds per image, for time-priced backends) and a consecutive-failure cooldown: after
+(and billed seconds per image, for time-priced backends) and a consecutive-failure cooldown: after
 ``cooldown_failures`` retryable failures in a row a backend is demoted for ``cooldown_s``. A new failure
 never shortens an active cooldown; a success ends it.
 """
@@ -33,11 +33,13 @@ class StatsBook:
         self._cooldown_failures = cooldown_failures
         self._cooldown_s = cooldown_s
 
-    def record_success(self, name: str, seconds: float, images: int) -> None:
+    def record_success(self, name: str, seconds: float, images: int, billed_seconds: float | None = None) -> None:
+        """``seconds``: the attempt's latency; ``billed_seconds``: the GPU or predict time the backend reported
+        (what time-based prices charge for, without queueing), if it reported one."""
         live = self._live[name]
         live.ewma_latency_s = seconds if live.ewma_latency_s is None else (
             _ALPHA * seconds + (1 - _ALPHA) * live.ewma_latency_s)
-        per_image = seconds / max(images, 1)
+        per_image = (seconds if billed_seconds is None else billed_seconds) / max(images, 1)
         live.ewma_seconds_per_image = per_image if live.ewma_seconds_per_image is None else (
             _ALPHA * per_image + (1 - _ALPHA) * live.ewma_seconds_per_image)
         live.consecutive_failures = 0

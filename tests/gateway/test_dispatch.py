@@ -141,3 +141,12 @@ async def test_cancellation_reaches_the_backend():
     assert len(seen) == 1 and seen[0][:2] == ("a", "gateway.client_disconnected")
     assert seen[0][2] >= 0.04  # the time spent waiting before the cancel is still backend time
     assert not backends["b"].calls
+
+
+async def test_time_priced_estimates_learn_billed_seconds_not_latency():
+    d, _, _ = make([], [])
+    await d.dispatch(req(), RequestTiming(), None)
+    stats = d.stats.snapshot()["a"]
+    # The backend reported 0.25 GPU-seconds for an attempt that took ~0.01 s of wall time.
+    assert stats.ewma_seconds_per_image == 0.25
+    assert stats.ewma_latency_s < 0.25
