@@ -79,8 +79,11 @@ class Dispatcher:
         route_name = None
         attempts: list[AttemptRecord] = []
         try:
-            plan = router.plan(request, self.config, self.stats.snapshot(), time.monotonic(), max_cost_usd)
-            route_name = plan.route.name
+            tier = router.resolve_tier(request, self.config)
+            route = router.select_route(request, tier, self.config)
+            route_name = route.name  # known even when no candidate survives ranking
+            plan = router.rank(request, route, tier, self.config, self.stats.snapshot(), time.monotonic(),
+                               max_cost_usd)
             return await self._fallback_chain(request, plan, timing, attempts)
         except ImagegateError as exc:
             raise DispatchFailed(exc, route_name, tuple(attempts)) from None

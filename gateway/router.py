@@ -103,7 +103,19 @@ def plan(
     max_cost_usd: float | None = None,
 ) -> Plan:
     tier = resolve_tier(request, config)
-    route = select_route(request, tier, config)
+    return rank(request, select_route(request, tier, config), tier, config, stats, now, max_cost_usd)
+
+
+def rank(
+    request: ImageRequest,
+    route: Route,
+    tier: Tier | None,
+    config: Config,
+    stats: Mapping[str, BackendStats] = MappingProxyType({}),
+    now: float = 0.0,
+    max_cost_usd: float | None = None,
+) -> Plan:
+    """Steps 2-4 for an already matched route: filter, order by strategy, demote."""
     floor = tier.quality_floor if tier else 0.0
     budget_s = tier.latency_budget_s if tier else None
 

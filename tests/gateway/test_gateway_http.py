@@ -281,3 +281,11 @@ def test_repeated_failures_cool_a_backend_down(stubs):
         # Demoted: good is tried first now, bad is not even attempted.
         assert resp.headers["x-backend"] == "good" and resp.headers["x-attempts"] == "1"
         assert len(bad.seen) == served_by_bad
+
+
+def test_policy_errors_still_name_the_route(gateway):
+    with structlog.testing.capture_logs() as logs:
+        resp = post(gateway, {"prompt": "x", "max_cost_usd": 0.000001})
+    assert resp.status_code == 402 and resp.headers["x-route"] == "main"
+    (line,) = [entry for entry in logs if entry["event"] == "request"]
+    assert line["route"] == "main" and line["outcome"] == "policy.budget_exceeded"
