@@ -125,6 +125,9 @@ class Tier:
     quality_floor: float = 0.0
     latency_budget_s: float | None = None
     description: str = ""
+    # OpenAI ``quality`` values that select this tier when a request names no tier (e.g. [low] for
+    # preview): an unmodified OpenAI client can then choose a tier with a field it already has.
+    qualities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +262,13 @@ def _parse(doc: Any, source: str) -> Config:
     tiers = {
         str(name): build(Tier, {**(raw or {}), "name": str(name)}, f"tiers.{name}") for name, raw in raw_tiers.items()
     }
+    claimed: dict[str, str] = {}
+    for tier in tiers.values():
+        for quality in tier.qualities:
+            if quality in claimed:
+                raise SettingsError(f"tiers.{tier.name}.qualities",
+                                    f"quality {quality!r} already selects tier {claimed[quality]!r}")
+            claimed[quality] = tier.name
     default_tier = doc.get("default_tier")
     if default_tier is not None and default_tier not in tiers:
         raise SettingsError("default_tier", f"{default_tier!r} is not a tier (tiers: {', '.join(tiers) or 'none'})")

@@ -61,7 +61,8 @@ class Plan:
 
 
 def resolve_tier(request: ImageRequest, config: Config) -> Tier | None:
-    """The explicit tier, else a ``model`` that names a tier, else the default tier."""
+    """The explicit tier, else a ``model`` that names a tier, else the tier claiming the request's OpenAI
+    ``quality``, else the default tier."""
     if request.tier is not None:
         tier = config.tiers.get(request.tier)
         if tier is None:
@@ -71,6 +72,10 @@ def resolve_tier(request: ImageRequest, config: Config) -> Tier | None:
         return tier
     if request.model is not None and request.model in config.tiers:
         return config.tiers[request.model]
+    if request.quality is not None:
+        for tier in config.tiers.values():
+            if request.quality in tier.qualities:
+                return tier
     return config.tiers.get(config.default_tier) if config.default_tier else None
 
 

@@ -34,9 +34,9 @@ backends:
     quality: 0.9
     settings: {base_url: "http://127.0.0.1:9/v1"}
 tiers:
-  preview: {quality_floor: 0.0, latency_budget_s: 5}
+  preview: {quality_floor: 0.0, latency_budget_s: 5, qualities: [low]}
   standard: {quality_floor: 0.5, latency_budget_s: 30}
-  premium: {quality_floor: 0.8, latency_budget_s: 60}
+  premium: {quality_floor: 0.8, latency_budget_s: 60, qualities: [high, hd]}
 routes:
   - name: flux
     match: {models: [flux-schnell]}
@@ -171,3 +171,10 @@ def test_unknown_model_and_tier():
 def test_plan_is_pure_and_repeatable():
     stats = {"local": BackendStats(ewma_seconds_per_image=0.5)}
     assert plan(req(tier="preview"), cfg, stats) == plan(req(tier="preview"), cfg, stats)
+
+
+def test_openai_quality_selects_a_tier_unless_one_is_named():
+    assert plan(req(quality="low"), cfg).tier.name == "preview"
+    assert plan(req(quality="hd"), cfg).tier.name == "premium"
+    assert plan(req(quality="medium"), cfg).tier.name == "standard"  # unclaimed: the default
+    assert plan(req(quality="low", tier="standard"), cfg).tier.name == "standard"
