@@ -38,7 +38,8 @@ def describe(config: Config) -> str:
     lines += ["", "tiers:"]
     for name, t in config.tiers.items():
         default = " (default)" if name == config.default_tier else ""
-        lines.append(f"  {name:<16} quality_floor={t.quality_floor} latency_budget_s={t.latency_budget_s}{default}")
+        picked = f" picked by quality={list(t.qualities)}" if t.qualities else ""
+        lines.append(f"  {name:<16} quality_floor={t.quality_floor} latency_budget_s={t.latency_budget_s}{default}{picked}")
     lines += ["", "routes:"]
     for r in config.routes:
         match = ", ".join(f"{k}={list(v)}" for k, v in (("models", r.match.models), ("tiers", r.match.tiers),
