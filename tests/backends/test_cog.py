@@ -284,8 +284,6 @@ default_tier: standard
         yield base
 
 
-
-
 @pytest.mark.thirdparty
 def test_gateway_success(gateway: str, cog_server: str) -> None:
     resp = _generate(gateway, {"prompt": "a red fox", "size": "128x96", "n": 2, "output_format": "webp"})

@@ -498,8 +498,6 @@ def gateway(served: FalFake) -> Iterator[str]:
         yield base
 
 
-
-
 def test_gateway_success(gateway: str, fake: FalFake) -> None:
     fake.reset(queue_polls=2, inference_time=0.25)
     resp = _post(gateway, {"prompt": "a red fox", "size": "1024x768", "n": 2, "output_format": "jpeg"})

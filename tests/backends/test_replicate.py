@@ -519,8 +519,6 @@ def gateway(served: FakeReplicate) -> Iterator[str]:
         yield base
 
 
-
-
 def test_gateway_success(gateway: str, fake: FakeReplicate) -> None:
     fake.plan(Scenario(queue_s=0.1, run_s=0.3))
     resp = _post(gateway, {"prompt": "a red fox", "size": "1344x768", "n": 2, "output_format": "webp"})

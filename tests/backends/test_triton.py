@@ -545,8 +545,6 @@ def gateway(two_fakes):
         yield base
 
 
-
-
 def test_gateway_serves_through_triton(gateway, two_fakes):
     first, _ = two_fakes
     response = post(gateway, {"prompt": "a red fox", "size": "64x32", "seed": 3, "n": 2})

@@ -72,8 +72,6 @@ def reset(stubs):
     bad.script.clear(), good.script.clear(), bad.seen.clear(), good.seen.clear()
 
 
-
-
 def server_timing(resp: httpx.Response) -> dict[str, float]:
     out = {}
     for part in resp.headers["server-timing"].split(","):
