@@ -1,0 +1,68 @@
+"""The prepared GPU check must still run when a device session finally gets one: its CPU dry run runs the
+same two scripts end to end (tiny model, toy sizes), and the benchmark's degrade ladder is exercised."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_bench_module():
+    spec = importlib.util.spec_from_file_location("bench_sdxl", ROOT / "benchmarks" / "sdxl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_runs_both_steps_and_writes_results(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "PASS gpu_sync_check" in (tmp_path / "gpu_sync_check.log").read_text()
+    result = json.loads((tmp_path / "sdxl.json").read_text())
+    assert "partial" not in result and result["tuned"]["failed"] == []
+    for decoder in ("full", "taesd"):
+        assert result["tuned"][f"steps4_{decoder}"]["total_s"] > 0
+    assert result["stock"]["steps4"]["decode_s"] > 0
+    assert set(result["tuned"]["images_per_s"]) == {"1", "2"}
+
+
+def test_a_failing_tuning_is_retried_without_it(monkeypatch, capsys):
+    bench = load_bench_module()
+    b = bench.Bench(bench.argparse.Namespace(device="cpu", budget_s=60.0))
+    b.cuda = True  # the ladder only exists on the GPU
+    monkeypatch.setattr(b, "reset_memory", lambda: None)
+    calls = []
+
+    def run_tuned(_b, overrides):
+        calls.append(overrides)
+        if overrides.get("cuda_graphs") is not False:
+            raise RuntimeError("capture failed: operation not permitted when stream is capturing")
+        return {"steady_s": 1.0}
+
+    monkeypatch.setattr(bench, "run_tuned", run_tuned)
+    res = bench.run_tuned_or_degrade(b)
+    assert calls == [{}, {"cuda_graphs": False}]
+    assert res["overrides"] == {"cuda_graphs": False}
+    assert [f["overrides"] for f in res["failed"]] == [{}]
+    assert "stream is capturing" in res["failed"][0]["error"]
+    assert "tuned FAILED" in capsys.readouterr().out
+
+
+def test_when_every_rung_fails_the_run_fails(monkeypatch):
+    bench = load_bench_module()
+    b = bench.Bench(bench.argparse.Namespace(device="cpu", budget_s=60.0))
+    b.cuda = True
+    monkeypatch.setattr(b, "reset_memory", lambda: None)
+    monkeypatch.setattr(bench, "run_tuned", lambda _b, o: (_ for _ in ()).throw(ValueError(f"broken {o}")))
+    with pytest.raises(RuntimeError, match="failed 3 times; first: ValueError: broken {}"):
+        bench.run_tuned_or_degrade(b)
