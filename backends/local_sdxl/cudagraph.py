@@ -17,10 +17,15 @@ requires a CUDA device.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+# One capture at a time per process. Several local_sdxl backends (one worker thread per GPU) warm up at the
+# same time; their captures must not interleave.
+_CAPTURE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -51,7 +56,8 @@ def capture_loop(loop: Callable[..., torch.Tensor], *, noise: torch.Tensor, embe
 
     The inputs are cloned into static buffers. Following the CUDA-graphs notes in the PyTorch docs, the
     loop first runs ``warmup`` times on a side stream (lazy initialisations such as cuBLAS workspaces
-    must not happen during capture), then is captured once.
+    must not happen during capture), then is captured once on that stream. Thread-safe: captures are
+    serialized process-wide (PyTorch allows one capture at a time per process).
     """
     if not noise.is_cuda:
         raise RuntimeError("CUDA-graph capture needs a CUDA device")
@@ -63,7 +69,12 @@ def capture_loop(loop: Callable[..., torch.Tensor], *, noise: torch.Tensor, embe
             loop(*static)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # stream=side: torch.cuda.graph's own default capture stream is one per process, created on whichever
+    # device captured first, so a second GPU's worker must bring a stream of its device.
+    # thread_local: the default ("global") makes a capture fail when *another* thread makes a
+    # capture-unsafe call (cudaMalloc, a sync), e.g. the worker of a second GPU warming up meanwhile.
+    # Only this thread's calls can touch the captured stream, so only they are checked.
+    with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
         out = loop(*static)
     torch.cuda.synchronize()
     return CapturedLoop(graph, *static, out=out)
