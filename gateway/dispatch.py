@@ -39,7 +39,8 @@ from gateway.timing import RequestTiming
 
 _OVERLOADED = f"{BackendOverloaded.family}.{BackendOverloaded.code}"
 # Called after every attempt: (backend name, outcome label, seconds waiting on the backend).
-AttemptHook = Callable[[str, str, float], None]
+# (backend, outcome label, seconds waited on the backend, backend-reported stage seconds)
+AttemptHook = Callable[[str, str, float, Mapping[str, float]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +175,7 @@ class Dispatcher:
         finally:
             timing.absorb(clock)
             if self.on_attempt is not None:
-                self.on_attempt(name, outcome, clock.backend_s)
+                self.on_attempt(name, outcome, clock.backend_s, clock.stages)
 
     def _exhausted(
         self, attempts: list[AttemptRecord], last: ImagegateError | None, request: ImageRequest

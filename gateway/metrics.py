@@ -21,6 +21,8 @@ disable_created_metrics()
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
 # Gateway overhead lives in the tens of microseconds to a few milliseconds.
 OVERHEAD_BUCKETS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 7.5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1)
+# Backend stages run from a millisecond (a cached text encode, a TAESD decode) to minutes (a remote queue).
+STAGE_BUCKETS = (1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 
 
 class _LoadCollector(Collector):
@@ -53,6 +55,10 @@ class Metrics:
                                   ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
         self.backend_latency = Histogram("imagegate_backend_latency_seconds", "Time waiting on a backend per attempt",
                                          ["backend", "outcome"], buckets=LATENCY_BUCKETS, registry=r)
+        # Stage names come from the backends' code (queue, text_encode, denoise, decode, encode, remote_queue,
+        # remote_predict): a small fixed set per backend type, so a bounded label.
+        self.stages = Histogram("imagegate_backend_stage_seconds", "Stage durations reported by backends, per attempt",
+                                ["backend", "stage"], buckets=STAGE_BUCKETS, registry=r)
         self.attempts = Counter("imagegate_backend_attempts", "Attempts per backend and outcome",
                                 ["backend", "outcome"], registry=r)
         self.fallbacks = Counter("imagegate_fallbacks", "Requests served by other than their first candidate",
@@ -72,9 +78,11 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)  # type: ignore[attr-defined]
         return child
 
-    def observe_attempt(self, backend: str, outcome: str, seconds: float) -> None:
+    def observe_attempt(self, backend: str, outcome: str, seconds: float, stages: Mapping[str, float]) -> None:
         self._child(self.attempts, backend, outcome).inc()  # type: ignore[attr-defined]
         self._child(self.backend_latency, backend, outcome).observe(seconds)  # type: ignore[attr-defined]
+        for stage, stage_s in stages.items():
+            self._child(self.stages, backend, stage).observe(stage_s)  # type: ignore[attr-defined]
 
     def observe_request(
         self, route: str, backend: str, outcome: str, total_s: float, gateway_s: float,

@@ -20,6 +20,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -135,6 +136,30 @@ def tiny_configs() -> dict[str, dict[str, Any]]:
         "text_encoder": dict(text, hidden_act="quick_gelu"),
         "text_encoder_2": dict(text, hidden_act="gelu"),
     }
+
+
+# --- importing ---------------------------------------------------------------------------------------------------
+_IMPORT_LOCK = threading.Lock()
+_DIFFUSERS_NAMES = ("AutoencoderKL", "AutoencoderTiny", "UNet2DConditionModel", "DPMSolverMultistepScheduler")
+_TRANSFORMERS_NAMES = ("CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer",
+                       "PreTrainedTokenizerBase")
+
+
+def import_model_classes() -> None:
+    """Resolve every diffusers/transformers class this backend uses, once per process, under a lock.
+
+    Both libraries resolve their top-level names lazily on first attribute access, and that is not
+    thread-safe: two workers (one per GPU, or two backends) starting at the same moment made one of them
+    fail with ``ImportError: cannot import name 'AutoencoderKL' from 'diffusers'``. After this, the names
+    are plain module attributes and the function-level imports below are dictionary lookups.
+    """
+    with _IMPORT_LOCK:
+        import diffusers
+        import transformers
+
+        for module, names in ((diffusers, _DIFFUSERS_NAMES), (transformers, _TRANSFORMERS_NAMES)):
+            for name in names:
+                getattr(module, name)
 
 
 # --- building ---------------------------------------------------------------------------------------------------
@@ -312,6 +337,7 @@ def load_components(
     Raises :class:`PresetError` for a bad selection and :class:`LoadError` for anything wrong with what loaded.
     """
     say = progress or log.info
+    import_model_classes()
     if (preset is None) == (model is None):
         raise PresetError("set exactly one of `preset` (tiny, sdxl-random) and `model` (hub id or folder)")
     if preset is not None and preset not in PRESETS:

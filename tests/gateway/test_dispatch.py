@@ -76,7 +76,7 @@ async def test_success_carries_options_stages_and_settled_cost():
     assert backends["a"].calls[0].options == {"decoder": "taesd"}
     assert timing.attempts == 1 and timing.stages == {"denoise": 0.008}
     assert timing.backend_s >= 0.01
-    assert seen == [("a", "ok", pytest.approx(timing.backend_s))]
+    assert seen == [("a", "ok", pytest.approx(timing.backend_s), {"denoise": 0.008})]
 
 
 async def test_retry_same_backend_only_when_no_work_started():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -53,6 +54,11 @@ def served() -> Iterator[tuple[str, dict[str, LocalSDXLBackend]]]:
     config = load_config_text(CONFIG, "test-local-sdxl.yaml")
     backends = {name: LocalSDXLBackend(b.spec) for name, b in config.backends.items()}
     with serve_gateway(config, backends, ready_timeout=120) as base:
+        # /readyz turns ready with the first backend (neither is `required`); the fallback tests need both.
+        deadline = time.monotonic() + 120
+        while not all(b.ready() for b in backends.values()):
+            assert time.monotonic() < deadline, "backends not ready after 120 s"
+            time.sleep(0.01)
         yield base, backends
 
 
@@ -89,10 +95,11 @@ def image_of(response: httpx.Response, index: int = 0) -> PILImage.Image:
     return img
 
 
-async def test_stages_appear_in_server_timing(served, hooks):
+async def test_stages_appear_in_server_timing_and_metrics(served, hooks):
     base, _ = served
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
         response = await client.post("/v1/images/generations", json=body("a teapot", output_format="webp", seed=1))
+        metrics = (await client.get("/metrics")).text
     assert response.status_code == 200, response.text
     assert response.headers["x-backend"] == "primary"
     timing = server_timing(response)
@@ -101,6 +108,9 @@ async def test_stages_appear_in_server_timing(served, hooks):
     img = image_of(response)
     assert img.format == "WEBP" and img.size == (SIZE, SIZE)
     assert hooks["primary"].batches[-1].decoder == "full"
+    for stage in STAGES:  # the same stages, as histograms in seconds per backend
+        assert f'imagegate_backend_stage_seconds_count{{backend="primary",stage="{stage}"}}' in metrics
+    assert 'imagegate_backend_stage_seconds_bucket{backend="primary",le="300.0",stage="denoise"}' in metrics
 
 
 async def test_tiers_choose_the_decoder_and_seeds_repeat(served, hooks):

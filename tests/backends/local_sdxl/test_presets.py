@@ -270,3 +270,41 @@ def _tiny_text_encoder(hidden: int):
 def test_missing_model_folder_fails_with_cause(tmp_path):
     with pytest.raises(LoadError, match="cannot load UNet2DConditionModel from .*nowhere"):
         _load(tmp_path / "nowhere")
+
+
+# Three workers (one per GPU) loading at the same moment in a process that has not imported torch or diffusers
+# yet. Before presets.import_model_classes, one or two of them failed with "cannot import name 'AutoencoderKL'
+# from 'diffusers'" in 6 runs out of 6 (diffusers resolves its names lazily, not thread-safely).
+CONCURRENT_LOADS = """
+import sys, threading
+barrier, errors = threading.Barrier(3), []
+
+def load():
+    barrier.wait()
+    try:
+        import torch
+        from backends.local_sdxl.presets import load_components
+        load_components(preset="tiny", model=None, taesd=None, device="cpu", dtype=torch.float32,
+                        vae_dtype=torch.float32)
+    except Exception as exc:
+        errors.append(repr(exc))
+
+threads = [threading.Thread(target=load) for _ in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(errors)
+sys.exit(1 if errors else 0)
+"""
+
+
+def test_concurrent_first_loads_in_a_fresh_process():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run([sys.executable, "-c", CONCURRENT_LOADS], cwd=root, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
