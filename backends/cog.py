@@ -165,7 +165,7 @@ class CogBackend:
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
         if self._client is None:
-            raise BackendFailed(f"{self.spec.name}: not started")
+            raise BackendUnavailable(f"{self.spec.name}: not started")
         inputs = to_inputs(request, self.settings.mapping)
         with self._loads.track():
             # In parallel the clock gets the slowest prediction's wait and predict time; one after another, the sum.

@@ -18,7 +18,7 @@ import orjson
 
 from backends.base import EMPTY, BackendSpec, Image, ImageRequest, ImageResult, Load, LoadCounter, StageClock, Usage
 from backends.http import fetch_output, make_client, raise_for_status, send, sniff_format
-from gateway.errors import BackendProtocolError
+from gateway.errors import BackendProtocolError, BackendUnavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +181,8 @@ class OpenAIBackend:
         return self._load.snapshot()
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
-        assert self._client is not None, "start() not called"
+        if self._client is None:
+            raise BackendUnavailable(f"{self.spec.name}: not started")
         name = self.spec.name
         with self._load.track():
             http_request = self._client.build_request(

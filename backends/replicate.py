@@ -72,6 +72,7 @@ from gateway.errors import (
     BackendFailed,
     BackendProtocolError,
     BackendTimeout,
+    BackendUnavailable,
     scrub,
 )
 
@@ -185,7 +186,7 @@ class ReplicateBackend:
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
         if self._client is None:
-            raise BackendFailed(f"{self.spec.name}: not started")
+            raise BackendUnavailable(f"{self.spec.name}: not started")
         inputs = to_inputs(request, self.settings.mapping)
         with self._loads.track():
             # Concurrent predictions overlap: the clock gets the slowest one's wait and stages.

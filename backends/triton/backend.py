@@ -159,7 +159,7 @@ class TritonBackend:
 
     async def _call(self, request: ImageRequest, clock: StageClock) -> list[tuple[Image, int]]:
         if self._client is None:
-            raise BackendUnavailable(f"{self.spec.name}: backend not started")
+            raise BackendUnavailable(f"{self.spec.name}: not started")
         headers, body = encode_request(request, self.settings)
         http_request = self._client.build_request("POST", self._infer_path, headers=headers, content=body)
         try:
