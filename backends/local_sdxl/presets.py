@@ -337,11 +337,11 @@ def load_components(
     Raises :class:`PresetError` for a bad selection and :class:`LoadError` for anything wrong with what loaded.
     """
     say = progress or log.info
-    import_model_classes()
     if (preset is None) == (model is None):
         raise PresetError("set exactly one of `preset` (tiny, sdxl-random) and `model` (hub id or folder)")
     if preset is not None and preset not in PRESETS:
         raise PresetError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    import_model_classes()
     device = torch.device(device)
     t0 = time.perf_counter()
     if preset is not None:
