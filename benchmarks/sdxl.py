@@ -280,14 +280,15 @@ def run_tuned_or_degrade(b: Bench) -> dict[str, Any]:
         ladder += [{"cuda_graphs": False}, {"cuda_graphs": False, "compile": False}]
     failed: list[dict[str, Any]] = []
     for overrides in ladder:
+        if failed:  # outside the except block: the failed attempt's frames (and GPU memory) are gone by now
+            b.reset_memory()
+            torch._dynamo.reset()
         try:
             res = run_tuned(b, overrides)
         except Exception as exc:
             failed.append({"overrides": overrides, "error": f"{type(exc).__name__}: {exc}"[:2000],
                            "traceback": traceback.format_exc()[-6000:]})
             print(f"(b) tuned FAILED with overrides {overrides}:\n{failed[-1]['traceback']}", flush=True)
-            b.reset_memory()
-            torch._dynamo.reset()
             continue
         res["overrides"], res["failed"] = overrides, failed
         return res
