@@ -14,7 +14,8 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 import httpx
 import uvicorn
@@ -93,6 +94,20 @@ def run_process(
             proc.wait(timeout=5)
         if log:
             log.close()
+
+
+T = TypeVar("T")
+
+
+def with_env(build: Callable[[], T], env: Mapping[str, str]) -> T:
+    """``build()`` with ``env`` set for its duration: a config's ``${VAR}`` secrets resolve when it is parsed,
+    so test keys never leak into the rest of the session's environment."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        return build()
 
 
 @contextlib.contextmanager

@@ -489,12 +489,9 @@ default_tier: standard
 
 @pytest.fixture(scope="module")
 def gateway(served: FalFake) -> Iterator[str]:
-    from tests.servers import serve_gateway
+    from tests.servers import serve_gateway, with_env
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FAL_TEST_KEY", served.key)
-        config = gateway_config(served)
-    with serve_gateway(config) as base:
+    with serve_gateway(with_env(lambda: gateway_config(served), {"FAL_TEST_KEY": served.key})) as base:
         yield base
 
 

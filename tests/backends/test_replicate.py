@@ -510,12 +510,9 @@ default_tier: standard
 
 @pytest.fixture(scope="module")
 def gateway(served: FakeReplicate) -> Iterator[str]:
-    from tests.servers import serve_gateway
+    from tests.servers import serve_gateway, with_env
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("REPLICATE_TEST_TOKEN", served.token)
-        config = gateway_config(served)
-    with serve_gateway(config) as base:
+    with serve_gateway(with_env(lambda: gateway_config(served), {"REPLICATE_TEST_TOKEN": served.token})) as base:
         yield base
 
 
