@@ -8,7 +8,7 @@ plus lifecycle (``start``/``aclose``), readiness and a load snapshot. Everything
 deadlines, pricing, rendering) is policy layered around it by the gateway, the way httpx layers
 redirects and auth around ``transport.handle_async_request``.
 
-Backends raise only the ``gateway.errors`` vocabulary (``BackendError`` subclasses, or ``CallerError``
+Backends raise only the ``backends.errors`` vocabulary (``BackendError`` subclasses, or ``CallerError``
 for a request they must refuse); anything else is reported as a backend failure by the dispatcher.
 """
 
@@ -225,7 +225,7 @@ class Backend(Protocol):
         """Cheap load snapshot (no I/O)."""
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
-        """Produce ``request.n`` images or raise a ``gateway.errors`` error. Cancellation (the client
+        """Produce ``request.n`` images or raise a ``backends.errors`` error. Cancellation (the client
         went away, the deadline passed) arrives as ``asyncio.CancelledError``: stop, and cancel any
         remote work already started, then re-raise."""
 

@@ -39,6 +39,14 @@ from backends.base import (
     StageClock,
     Usage,
 )
+from backends.errors import (
+    BackendFailed,
+    BackendOverloaded,
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+    scrub,
+)
 from backends.http import json_body, make_client, raise_for_status, send
 from backends.predictions import (
     Family,
@@ -49,14 +57,6 @@ from backends.predictions import (
     to_inputs,
 )
 from backends.remote import Background, best_effort, fan_out, fetch_images, stop_task
-from gateway.errors import (
-    BackendFailed,
-    BackendOverloaded,
-    BackendProtocolError,
-    BackendTimeout,
-    BackendUnavailable,
-    scrub,
-)
 
 READY_STATES = frozenset({"READY", "BUSY"})
 

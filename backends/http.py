@@ -28,8 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from backends.base import BackendSpec, StageClock
-from backends.fast_transport import FastTransport
-from gateway.errors import (
+from backends.errors import (
     BackendError,
     BackendFailed,
     BackendOverloaded,
@@ -41,6 +40,7 @@ from gateway.errors import (
     OutputNotAllowed,
     scrub,
 )
+from backends.fast_transport import FastTransport
 
 _START_EVENTS = frozenset({"connection.connect_tcp.started", "http11.send_request_headers.started",
                            "http2.send_request_headers.started"})

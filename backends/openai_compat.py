@@ -17,8 +17,8 @@ import httpx
 import orjson
 
 from backends.base import EMPTY, BackendSpec, Image, ImageRequest, ImageResult, Load, LoadCounter, StageClock, Usage
+from backends.errors import BackendProtocolError, BackendUnavailable
 from backends.http import fetch_output, make_client, raise_for_status, send, sniff_format
-from gateway.errors import BackendProtocolError, BackendUnavailable
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,14 +22,14 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from backends.base import ImageRequest
-from backends.remote import seeded_batches
-from backends.settings import build
-from gateway.errors import (
+from backends.errors import (
     BackendError,
     BackendFailed,
     BackendProtocolError,
     BackendRejected,
 )
+from backends.remote import seeded_batches
+from backends.settings import build
 
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 STATUSES = TERMINAL | {"starting", "processing"}

@@ -12,7 +12,7 @@ One prediction per ``input`` (several, concurrently, when ``n`` exceeds what the
 When nobody waits any more (client gone, deadline, a sibling call failed) the prediction is cancelled:
 at once if we know its id, or, if the create is still in flight, as soon as its answer tells us the id.
 
-Error mapping (see ``gateway.errors``): 429/503 on create → ``BackendOverloaded`` (Retry-After kept),
+Error mapping (see ``backends.errors``): 429/503 on create → ``BackendOverloaded`` (Retry-After kept),
 other 5xx → ``BackendFailed``, 4xx validation → ``BackendRejected``; a ``failed`` prediction →
 ``BackendRejected`` (the model ran and refused this input: terminal) unless its error reads like an
 infrastructure fault (OOM, interrupted, timeout: ``BackendFailed``, falls back) — see
@@ -44,6 +44,14 @@ from backends.base import (
     StageClock,
     Usage,
 )
+from backends.errors import (
+    BackendError,
+    BackendFailed,
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+    scrub,
+)
 from backends.http import (
     json_body,
     make_client,
@@ -66,14 +74,6 @@ from backends.remote import (
     fan_out,
     fetch_images,
     same_origin,
-)
-from gateway.errors import (
-    BackendError,
-    BackendFailed,
-    BackendProtocolError,
-    BackendTimeout,
-    BackendUnavailable,
-    scrub,
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from backends.base import OUTPUT_FORMATS, Image, ImageRequest
-from gateway.errors import ImagegateError, InvalidRequest
+from backends.errors import ImagegateError, InvalidRequest
 
 MAX_PROMPT_CHARS = 32_000
 MAX_SIDE = 4096

@@ -26,9 +26,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from backends import registry
+from backends import errors, registry
 from backends.base import Backend
-from gateway import errors
 from gateway.config import Config, load_config
 from gateway.dispatch import Dispatcher
 from gateway.handler import GenerationsHandler

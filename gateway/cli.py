@@ -8,9 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.config import Config, load_config
+from gateway.config import Config, ConfigError, load_config
 from gateway.cost import estimate
-from gateway.errors import ConfigError
 
 
 def _fmt_price(config: Config, name: str) -> str:

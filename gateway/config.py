@@ -20,7 +20,15 @@ import yaml
 from backends.base import EMPTY, BackendSpec, Capabilities, Timeouts
 from backends.registry import BACKEND_TYPES, backend_class
 from backends.settings import SettingsError, build
-from gateway.errors import ConfigError
+
+
+class ConfigError(Exception):
+    """Invalid configuration: names the file, the key path and the reason."""
+
+    def __init__(self, source: str, path: str, reason: str) -> None:
+        self.source, self.path, self.reason = source, path, reason
+        super().__init__(f"{source}: {path or '<root>'}: {reason}")
+
 
 Strategy = Literal["fallback", "cheapest", "fastest"]
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -6,7 +6,7 @@
              ─► backend.generate
 
 Everything happens within the request's deadline. The error class of a failure decides what happens next
-(see ``gateway.errors``); the result or the final error carries the list of attempts.
+(see ``backends.errors``); the result or the final error carries the list of attempts.
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from backends.base import Backend, ImageRequest, ImageResult, StageClock
-from gateway import router
-from gateway.config import Config
-from gateway.cost import settle
-from gateway.errors import (
+from backends.errors import (
     AllCandidatesFailed,
     AllCandidatesOverloaded,
     AttemptRecord,
@@ -34,6 +31,9 @@ from gateway.errors import (
     ImagegateError,
     scrub,
 )
+from gateway import router
+from gateway.config import Config
+from gateway.cost import settle
 from gateway.stats import StatsBook
 from gateway.timing import RequestTiming
 

@@ -18,10 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from backends.base import Image, ImageRequest
-from backends.imaging import transcode
-from gateway import api
-from gateway.dispatch import DispatchFailed, Dispatcher, Served
-from gateway.errors import (
+from backends.errors import (
     AttemptRecord,
     ClientDisconnected,
     ImagegateError,
@@ -30,6 +27,9 @@ from gateway.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from backends.imaging import transcode
+from gateway import api
+from gateway.dispatch import Dispatcher, DispatchFailed, Served
 from gateway.images import ImageStore
 from gateway.metrics import Metrics
 from gateway.server import RECEIVED_AT

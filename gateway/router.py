@@ -23,9 +23,9 @@ from types import MappingProxyType
 from typing import Any
 
 from backends.base import EMPTY, ImageRequest
+from backends.errors import BudgetExceeded, InvalidRequest, NoCapableBackend, UnknownModel
 from gateway.config import Config, Route, Tier
 from gateway.cost import estimate
-from gateway.errors import BudgetExceeded, InvalidRequest, NoCapableBackend, UnknownModel
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,13 @@ from backends.base import (
     StageClock,
     Usage,
 )
+from backends.errors import (
+    BackendOverloaded,
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+    scrub,
+)
 from backends.fal.config import MIN_START_TIMEOUT, FalSettings
 from backends.fal.mapping import (
     FalOutput,
@@ -39,13 +46,6 @@ from backends.remote import (
     fan_out,
     fetch_images,
     same_origin,
-)
-from gateway.errors import (
-    BackendOverloaded,
-    BackendProtocolError,
-    BackendTimeout,
-    BackendUnavailable,
-    scrub,
 )
 
 MAX_POLL_MISSES = 3  # consecutive transient status-poll failures tolerated while a request is queued/running

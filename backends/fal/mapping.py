@@ -14,10 +14,7 @@ from typing import Any
 import httpx
 
 from backends.base import ImageRequest
-from backends.fal.config import InputMapping
-from backends.http import raise_for_status, retry_after_seconds
-from backends.remote import seeded_batches
-from gateway.errors import (
+from backends.errors import (
     BackendError,
     BackendFailed,
     BackendOverloaded,
@@ -27,6 +24,9 @@ from gateway.errors import (
     InvalidRequest,
     scrub,
 )
+from backends.fal.config import InputMapping
+from backends.http import raise_for_status, retry_after_seconds
+from backends.remote import seeded_batches
 
 # Infrastructure error types (body ``error_type`` / header ``X-Fal-Error-Type``).
 TIMEOUT_TYPES = frozenset({"request_timeout", "startup_timeout"})

@@ -13,7 +13,7 @@ import secrets
 import structlog
 
 from backends.base import OUTPUT_FORMATS, BackendSpec, ImageRequest, ImageResult, Load, LoadCounter, StageClock, Usage
-from gateway.errors import BackendUnavailable, InvalidRequest
+from backends.errors import BackendUnavailable, InvalidRequest
 
 from .settings import Resolved, Settings
 from .worker import Job, JobResult, Worker

@@ -30,7 +30,7 @@ import structlog
 
 from backends import imaging
 from backends.base import Image
-from gateway.errors import BackendFailed, BackendOverloaded, BackendTimeout, BackendUnavailable, ImagegateError, scrub
+from backends.errors import BackendFailed, BackendOverloaded, BackendTimeout, BackendUnavailable, ImagegateError, scrub
 
 log = structlog.get_logger("imagegate.local_sdxl")
 

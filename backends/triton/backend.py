@@ -26,6 +26,7 @@ from backends.base import (
     StageClock,
     Usage,
 )
+from backends.errors import BackendProtocolError, BackendUnavailable
 from backends.http import make_client, raise_for_status, send
 from backends.remote import fan_out, stop_task
 from backends.triton.codec import (
@@ -38,7 +39,6 @@ from backends.triton.codec import (
     split_calls,
 )
 from backends.triton.config import Settings
-from gateway.errors import BackendProtocolError, BackendUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from PIL import Image as PILImage
 
 from backends.base import BackendSpec, ImageRequest, StageClock, Timeouts
 from backends.cog import CogBackend, Settings
+from backends.errors import BackendOverloaded, BackendRejected, BackendUnavailable
 from backends.settings import SettingsError, build
-from gateway.errors import BackendOverloaded, BackendRejected, BackendUnavailable
 from tests.fakes.replicate_fake import FakeReplicate
 from tests.servers import free_port, run_process
 from tests.servers import post_generation as _generate

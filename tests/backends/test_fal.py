@@ -11,6 +11,17 @@ import httpx
 import pytest
 
 from backends.base import BackendSpec, ImageRequest, StageClock, Timeouts
+from backends.errors import (
+    BackendFailed,
+    BackendOverloaded,
+    BackendProtocolError,
+    BackendRejected,
+    BackendTimeout,
+    BackendUnavailable,
+    InvalidRequest,
+    OutputFetchError,
+    OutputNotAllowed,
+)
 from backends.fal import (
     FalBackend,
     FalSettings,
@@ -23,17 +34,6 @@ from backends.fal import (
     to_inputs,
 )
 from backends.settings import SettingsError, build
-from gateway.errors import (
-    BackendFailed,
-    BackendOverloaded,
-    BackendProtocolError,
-    BackendRejected,
-    BackendTimeout,
-    BackendUnavailable,
-    InvalidRequest,
-    OutputFetchError,
-    OutputNotAllowed,
-)
 from tests.fakes.fal_fake import Failure, FalFake
 from tests.servers import post_generation as _post
 

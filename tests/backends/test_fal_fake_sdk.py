@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
-from tests.fakes.fal_fake import FalFake, Failure  # noqa: E402
+from tests.fakes.fal_fake import Failure, FalFake  # noqa: E402
 from tests.servers import serve_app  # noqa: E402
 
 KEY = "fal-sdk-test-key-0123456789"

@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from backends.base import BackendSpec, StageClock, Timeouts
+from backends.errors import BackendProtocolError, BackendTimeout, BackendUnavailable
 from backends.fast_transport import FastTransport
 from backends.http import make_client, send
-from gateway.errors import BackendProtocolError, BackendTimeout, BackendUnavailable
 from tests.servers import free_port, serve_app
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

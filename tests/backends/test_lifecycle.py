@@ -7,8 +7,8 @@ import pytest
 
 from backends import registry
 from backends.base import ImageRequest, StageClock
+from backends.errors import BackendUnavailable
 from gateway.config import load_config_text
-from gateway.errors import BackendUnavailable
 
 DEAD = "http://127.0.0.1:9"
 CONFIG = f"""

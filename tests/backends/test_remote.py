@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from backends.base import StageClock
+from backends.errors import BackendFailed, BackendTimeout
 from backends.remote import Background, best_effort, fan_out, same_origin, seeded_batches, stop_task
-from gateway.errors import BackendFailed, BackendTimeout
 
 # -- seeded_batches ------------------------------------------------------------------------------------
 

@@ -14,6 +14,15 @@ import httpx
 import pytest
 
 from backends.base import BackendSpec, ImageRequest, StageClock, Timeouts
+from backends.errors import (
+    BackendFailed,
+    BackendOverloaded,
+    BackendProtocolError,
+    BackendRejected,
+    BackendTimeout,
+    OutputFetchError,
+    OutputNotAllowed,
+)
 from backends.predictions import (
     FLUX_ASPECT_RATIOS,
     FLUX_PRO_ASPECT_RATIOS,
@@ -26,15 +35,6 @@ from backends.predictions import (
 )
 from backends.replicate import ReplicateBackend, Settings
 from backends.settings import SettingsError, build
-from gateway.errors import (
-    BackendFailed,
-    BackendOverloaded,
-    BackendProtocolError,
-    BackendRejected,
-    BackendTimeout,
-    OutputFetchError,
-    OutputNotAllowed,
-)
 from tests.fakes.replicate_fake import MODELS, TOKEN, FakeReplicate, Scenario
 from tests.servers import post_generation as _post
 

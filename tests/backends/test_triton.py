@@ -18,6 +18,13 @@ import pytest
 from PIL import Image as PILImage
 
 from backends.base import BackendSpec, Image, ImageRequest, StageClock, Timeouts
+from backends.errors import (
+    BackendFailed,
+    BackendOverloaded,
+    BackendProtocolError,
+    BackendRejected,
+    BackendUnavailable,
+)
 from backends.settings import SettingsError, build
 from backends.triton import (
     CodecError,
@@ -28,13 +35,6 @@ from backends.triton import (
     split_calls,
 )
 from backends.triton.codec import encode_array, infer_path, ready_path, to_images
-from gateway.errors import (
-    BackendFailed,
-    BackendOverloaded,
-    BackendProtocolError,
-    BackendRejected,
-    BackendUnavailable,
-)
 from tests.fakes.triton_models.fake_v2 import FakeV2
 from tests.fakes.triton_models.image_model import FAIL_PROMPT, render
 from tests.servers import free_port, serve_app

@@ -28,9 +28,9 @@ import pytest
 from PIL import Image as PILImage
 
 from backends.base import BackendSpec, ImageRequest, StageClock, Timeouts
+from backends.errors import BackendFailed, BackendOverloaded, BackendRejected
 from backends.settings import build
 from backends.triton import Settings, TritonBackend, decode_response, encode_request
-from gateway.errors import BackendFailed, BackendOverloaded, BackendRejected
 from tests.fakes.triton_models.image_model import FAIL_PROMPT, render
 from tests.servers import free_port, run_process
 

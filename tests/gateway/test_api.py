@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.base import Image
+from backends.errors import CallerError, InvalidRequest
 from gateway import api
-from gateway.errors import CallerError, InvalidRequest
 
 
 def parse(body, headers=None):

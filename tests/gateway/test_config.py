@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import load_config, load_config_text
-from gateway.errors import ConfigError
+from gateway.config import ConfigError, load_config, load_config_text
 
 BASE = """
 backends:

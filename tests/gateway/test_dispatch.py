@@ -8,9 +8,9 @@ import time
 import pytest
 
 from backends.base import BackendSpec, Image, ImageRequest, ImageResult, Load, StageClock, Usage
+from backends.errors import BackendOverloaded, BackendRejected, BackendUnavailable
 from gateway.config import load_config_text
-from gateway.dispatch import DispatchFailed, Dispatcher
-from gateway.errors import BackendOverloaded, BackendRejected, BackendUnavailable
+from gateway.dispatch import Dispatcher, DispatchFailed
 from gateway.stats import StatsBook
 from gateway.timing import RequestTiming
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from backends.base import ImageRequest
+from backends.errors import BudgetExceeded, InvalidRequest, NoCapableBackend, UnknownModel
 from gateway.config import load_config_text
-from gateway.errors import BudgetExceeded, InvalidRequest, NoCapableBackend, UnknownModel
 from gateway.router import BackendStats, plan
 
 CONFIG = """

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 import backends.openai_compat  # noqa: F401 - httpx touches `random` at import: not inside a strategy
 from backends.base import ImageRequest
+from backends.errors import BudgetExceeded, NoCapableBackend
 from gateway.config import load_config_text
-from gateway.errors import BudgetExceeded, NoCapableBackend
 from gateway.router import BackendStats, plan
 
 NAMES = ("a", "b", "c", "d")

@@ -13,9 +13,9 @@ import torch
 from PIL import Image as PILImage
 
 from backends.base import StageClock
+from backends.errors import BackendFailed, BackendOverloaded, BackendTimeout, BackendUnavailable, InvalidRequest
 from backends.local_sdxl import LocalSDXLBackend
 from backends.local_sdxl.backend import STAGES
-from gateway.errors import BackendFailed, BackendOverloaded, BackendTimeout, BackendUnavailable, InvalidRequest
 
 from .conftest import SIZE, make_spec, request, start_backend, wait_for
 

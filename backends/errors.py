@@ -1,4 +1,4 @@
-"""The closed error vocabulary of the gateway.
+"""The closed error vocabulary shared by the gateway and every backend (the bottom layer).
 
 Every failure a request can meet is one of these classes. The class alone decides:
 
@@ -216,14 +216,6 @@ class InternalError(GatewayError):
     status = 500
     error_type = "server_error"
     code = "internal_error"
-
-
-class ConfigError(Exception):
-    """Invalid configuration: names the file, the key path and the reason."""
-
-    def __init__(self, source: str, path: str, reason: str) -> None:
-        self.source, self.path, self.reason = source, path, reason
-        super().__init__(f"{source}: {path or '<root>'}: {reason}")
 
 
 @dataclass(frozen=True, slots=True)
