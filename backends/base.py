@@ -8,8 +8,23 @@ plus lifecycle (``start``/``aclose``), readiness and a load snapshot. Everything
 deadlines, pricing, rendering) is policy layered around it by the gateway, the way httpx layers
 redirects and auth around ``transport.handle_async_request``.
 
-Backends raise only the ``backends.errors`` vocabulary (``BackendError`` subclasses, or ``CallerError``
-for a request they must refuse); anything else is reported as a backend failure by the dispatcher.
+Routing decisions belong to the router, which only sends a backend what its ``Capabilities`` accept, with
+route options validated at config load. So a backend never refuses a planned request as the caller's
+fault: it raises only ``BackendError`` subclasses of the ``backends.errors`` vocabulary (a defensive check
+that trips is a ``BackendFailed``, which falls back); anything else is reported as a backend failure by
+the dispatcher. To make that possible a backend *class* may declare, next to its ``Settings``:
+
+``Options``
+    a frozen dataclass for ``routes[].candidates[].options``, built at config load with
+    ``backends.settings.build`` (unknown keys and wrong values are config errors). The request then
+    carries the options as a mapping of the keys the route set, already validated.
+``check_options(settings, options) -> None`` (static or class method)
+    checks options against the backend's own settings at config load; raises ``ValueError`` or
+    ``SettingsError`` (path relative to ``options``).
+``capabilities_for(settings, declared) -> Capabilities`` (static or class method)
+    narrows the capabilities declared in routes.yaml to what these settings can actually serve (e.g. only
+    the compiled shapes), so the router skips the backend for anything else; raises ``ValueError`` or
+    ``SettingsError`` (path relative to the backend's entry, e.g. ``settings.shapes``).
 """
 
 from __future__ import annotations
@@ -153,7 +168,8 @@ class Capabilities:
     """What a backend can serve; the router never sends a request outside these.
 
     ``sizes`` empty means any size within ``max_width``/``max_height`` whose sides are multiples of
-    ``size_multiple``.
+    ``size_multiple``. ``max_n_per_size`` lowers ``max_n`` for the sizes it names (e.g. a local backend
+    that serves only its compiled shapes: 1024x1024 up to 4 images, 768x1344 one).
     """
 
     sizes: tuple[str, ...] = ()
@@ -161,6 +177,7 @@ class Capabilities:
     max_height: int = 2048
     size_multiple: int = 8
     max_n: int = 4
+    max_n_per_size: Mapping[str, int] = field(default_factory=lambda: EMPTY)
     max_steps: int = 100
     output_formats: tuple[str, ...] = OUTPUT_FORMATS
     negative_prompt: bool = True
@@ -177,6 +194,10 @@ class Capabilities:
                 return f"size {request.size} is not a multiple of {self.size_multiple}"
         if request.n > self.max_n:
             return f"n={request.n} exceeds max_n={self.max_n}"
+        if self.max_n_per_size:
+            limit = self.max_n_per_size.get(request.size)
+            if limit is not None and request.n > limit:
+                return f"n={request.n} exceeds max_n={limit} for {request.size}"
         if request.steps is not None and request.steps > self.max_steps:
             return f"steps={request.steps} exceeds max_steps={self.max_steps}"
         return None

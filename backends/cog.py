@@ -41,13 +41,20 @@ from backends.base import (
 )
 from backends.errors import (
     BackendFailed,
-    BackendOverloaded,
+    BackendQueueFull,
     BackendProtocolError,
     BackendTimeout,
     BackendUnavailable,
     scrub,
 )
-from backends.http import json_body, make_client, raise_for_status, send
+from backends.http import (
+    OutputFetcher,
+    credentials,
+    json_body,
+    make_client,
+    raise_for_status,
+    send,
+)
 from backends.predictions import (
     Family,
     InputMapping,
@@ -109,9 +116,10 @@ class CogBackend:
     def __init__(self, spec: BackendSpec) -> None:
         self.spec = spec
         self.settings: Settings = spec.settings
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.AsyncClient | None = None  # the container's API only: it carries the token
+        self._fetcher: OutputFetcher | None = None  # --upload-url outputs: no credential
         self._loads = LoadCounter()
-        self._secrets = (self.settings.api_token,) if self.settings.api_token else ()
+        self._secrets = credentials(self.settings.api_token, urls=(self.settings.base_url,))
         self._ready = False
         self.health: str | None = None  # last /health-check status, for logs and tests
         self._health_task: asyncio.Task[None] | None = None
@@ -124,6 +132,7 @@ class CogBackend:
         if self.settings.api_token:
             headers["Authorization"] = f"Bearer {self.settings.api_token}"
         self._client = make_client(self.spec, self.settings.base_url.rstrip("/"), headers=headers)
+        self._fetcher = OutputFetcher(self.spec)
         await self.check_health()
         self._health_task = asyncio.ensure_future(self._health_loop())
 
@@ -131,9 +140,11 @@ class CogBackend:
         await stop_task(self._health_task)
         self._health_task = None
         await self._background.drain(self.settings.cancel_timeout)
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        client, fetcher, self._client, self._fetcher = self._client, self._fetcher, None, None
+        if client is not None:
+            await client.aclose()
+        if fetcher is not None:
+            await fetcher.aclose()
         self._ready = False
 
     def ready(self) -> bool:
@@ -200,7 +211,7 @@ class CogBackend:
             if response.status_code != 409:
                 break
             if time.monotonic() + pause > busy_until:
-                raise BackendOverloaded(f"{name}: busy (409): every prediction slot is taken")
+                raise BackendQueueFull(f"{name}: busy (409): every prediction slot is taken")
             # Re-sending the same id is safe: a 409 means the container did not take this prediction.
             with clock.waiting():
                 await asyncio.sleep(pause)
@@ -227,7 +238,9 @@ class CogBackend:
         if predict is not None:
             clock.stage("remote_predict", predict)
         s = self.settings
-        images = await fetch_images(self._client, prediction.outputs, clock, backend=name,
+        if self._fetcher is None:
+            raise BackendUnavailable(f"{name}: not started")
+        images = await fetch_images(self._fetcher, prediction.outputs, clock, backend=name,
                                     allowed_hosts=s.allowed_output_hosts, max_bytes=s.max_output_bytes,
                                     timeout=s.output_timeout)
         return images, predict

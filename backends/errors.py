@@ -80,6 +80,13 @@ class UnsupportedMediaType(CallerError):
     code = "unsupported_media_type"
 
 
+class RequestTimeout(CallerError):
+    """The request (head or body) did not arrive within the server's read deadlines."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class NotFound(CallerError):
     status = 404
     code = "not_found"
@@ -141,11 +148,22 @@ class BackendTimeout(BackendError):
 
 
 class BackendOverloaded(BackendError):
-    """429 / 503 / queue full / busy: the backend refused the work before starting it."""
+    """The upstream refused the work before starting it and asked us to come back (429 / 503, usually
+    with ``Retry-After``): the same backend may be tried again when the wait fits the deadline."""
 
     status = 503
     code = "backend_overloaded"
     retry_same = True
+
+
+class BackendQueueFull(BackendOverloaded):
+    """This backend's own queue or concurrency limit is full (the local GPU queue, the dispatcher's
+    ``max_concurrency``, a connection pool): waiting for it would only add queueing delay, so the request
+    falls through to the next candidate *now*. ``retry_after`` is the backend's estimated wait, used only
+    for the client's ``Retry-After`` when every candidate is full or overloaded."""
+
+    code = "backend_queue_full"
+    retry_same = False
 
 
 class BackendProtocolError(BackendError):
@@ -225,10 +243,14 @@ class AttemptRecord:
     backend: str
     outcome: str
     message: str
+    # The wait the backend asked for or estimated (overloaded / queue full), for the final Retry-After.
+    retry_after: float | None = None
 
 
 _SECRETISH = re.compile(
-    r"(?i)(bearer\s+|key\s+|token[=:]\s*|api[_-]?key[=:]\s*|authorization:\s*)[A-Za-z0-9._\-:/+=]{6,}"
+    # "Authorization: Bearer <tok>": the scheme word is kept and the token after it masked.
+    r"(?i)(authorization:\s*(?:bearer\s+|basic\s+|key\s+|token\s+)?|bearer\s+|key\s+|token[=:]\s*|api[_-]?key[=:]\s*)"
+    r"[A-Za-z0-9._\-:/+=]{6,}"
 )
 
 

@@ -18,75 +18,40 @@ transport: ``connection.connect_tcp.started`` before connecting a new connection
 ``http11.receive_response_body.complete`` with ``at``: when the ``data_received`` call that delivered the
 last byte began — not when the awaiting coroutine resumes. The gateway's own work around the wire (the send
 call, parsing, a finished response waiting for the busy event loop) thus counts as gateway time.
+
+Stale keep-alive connections: a request that dies on a *reused* connection before a single response byte
+arrived is resent once on a fresh connection when that is safe (see ``_resendable`` for the rule).
+
+httpx internals (a preset private ``_content``; ``backends.http`` bypassing ``AsyncClient.send``) are checked
+once per process (``backends.fast_transport_check``): :meth:`FastTransport.supported` and
+:func:`make_transport` fall back to httpx's own transport, with one warning line, when they differ.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import deque
 from typing import Any
 
 import httpx
 
-from backends.http11 import Connection as _Conn
+from backends.fast_transport_check import fast_path_ok
+
+try:
+    from backends.http11 import BodyStream as _Body
+    from backends.http11 import Connection as _Conn
+    from backends.http11 import attach as _attach
+    from backends.http11 import request_head as _head
+except ImportError:  # pragma: no cover - httptools missing: fast_path_ok() says so, callers fall back
+    pass
 
 _perf = time.perf_counter
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_GOOD_NAMES: set[bytes] = set()  # header names already validated (a small, fixed vocabulary in practice)
 
-
-class _Body(httpx.AsyncByteStream):
-    """The response body as it arrives; gives the connection back to the pool once fully read."""
-
-    __slots__ = ("_conn", "_owner", "_request", "_timeout", "_trace")
-
-    def __init__(self, owner: FastTransport, conn: _Conn, trace: Any, timeout: float | None,
-                 request: httpx.Request) -> None:
-        self._owner = owner
-        self._conn: _Conn | None = conn
-        self._trace = trace
-        self._timeout = timeout
-        self._request = request
-
-    def __aiter__(self) -> _Body:
-        return self
-
-    async def __anext__(self) -> bytes:
-        conn = self._conn
-        if conn is None:
-            raise StopAsyncIteration
-        while True:
-            if conn.chunks:
-                return conn.take_body()
-            if conn.complete:
-                self._conn = None
-                self._owner._release(conn)
-                if self._trace is not None:
-                    await self._trace("http11.receive_response_body.complete",
-                                      {"request": self._request, "at": conn.complete_at})
-                raise StopAsyncIteration
-            if conn.error is not None:
-                self._conn = None
-                self._owner._discard(conn)
-                raise _attach(conn.error, self._request)
-            try:
-                woke = await conn.wait(self._timeout)
-            except BaseException:
-                self._conn = None
-                self._owner._discard(conn)
-                raise
-            if not woke:
-                self._conn = None
-                self._owner._discard(conn)
-                raise httpx.ReadTimeout(f"no data for {self._timeout}s while reading the response body",
-                                        request=self._request)
-
-    async def aclose(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:  # closed before the end: the rest of the body is still on its way, drop it
-            self._owner._discard(conn)
+# RFC 9110 §9.2.2: methods whose intended effect of several identical requests is that of one.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+# A connection that closed or reset before answering; timeouts are not among them (the server may be working).
+_BROKEN = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 class FastTransport(httpx.AsyncBaseTransport):
@@ -112,6 +77,13 @@ class FastTransport(httpx.AsyncBaseTransport):
         self._closed = False
         self._fallback: httpx.AsyncHTTPTransport | None = None
 
+    @staticmethod
+    def supported() -> bool:
+        """True when this process's httpx and httptools work the way this transport relies on
+        (:func:`check_internals`, run once). False otherwise, after one warning line: use httpx's own
+        ``AsyncHTTPTransport`` then (see :func:`make_transport`)."""
+        return fast_path_ok()
+
     # -- the request ---------------------------------------------------------------------------------
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -129,43 +101,55 @@ class FastTransport(httpx.AsyncBaseTransport):
         except httpx.RequestNotRead:
             body = None
         key = (url.host, url.port or 80)
-
-        conn = await self._acquire(key, timeouts, trace, request)
-        reused = conn.requests > 0
-        conn.requests += 1
         read_timeout = timeouts.get("read")
-        try:
-            conn._reset()
-            conn.in_use = True
-            transport = conn.transport
-            assert transport is not None
-            if body is None:
-                transport.write(head)
-                if trace is not None and reused:
-                    await trace("http11.send_request_headers.started", {"request": request})
-                await self._send_stream(conn, request, timeouts.get("write"))
-            else:
-                if len(body) < 65536:
-                    transport.write(head + body if body else head)
+
+        fresh = False  # True for the one resend, which never takes a pooled connection
+        while True:
+            conn = await self._acquire(key, timeouts, trace, request, fresh)
+            reused = conn.requests > 0
+            conn.requests += 1
+            unsent = False
+            try:
+                conn._reset()
+                conn.in_use = True
+                transport = conn.transport
+                assert transport is not None
+                if body is None:
+                    transport.write(head)
+                    if trace is not None and reused:
+                        await trace("http11.send_request_headers.started", {"request": request})
+                    await self._send_stream(conn, request, timeouts.get("write"))
                 else:
-                    transport.writelines((head, body))
-                # Wire time starts once the request is handed to the kernel: the send itself is our CPU.
-                if trace is not None and reused:
-                    await trace("http11.send_request_headers.started", {"request": request})
-            if conn.write_paused:
-                await self._drain(conn, timeouts.get("write"))
-            while not conn.headers_done:
-                if conn.error is not None:
-                    raise conn.error
-                if conn.closed and not conn.complete:
-                    raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
-                if not await conn.wait(read_timeout):
-                    raise httpx.ReadTimeout(f"no response within {read_timeout}s")
-        except BaseException as exc:
-            self._discard(conn)
-            if isinstance(exc, httpx.RequestError):
-                _attach(exc, request)
-            raise
+                    if len(body) < 65536:
+                        transport.write(head + body if body else head)
+                    else:
+                        transport.writelines((head, body))
+                    if transport.is_closing():
+                        # The send itself failed (the peer had reset the connection before we wrote):
+                        # asyncio closes the transport synchronously and not a byte left.
+                        unsent = True
+                        raise httpx.WriteError("connection closed by the server before the request was sent")
+                    # Wire time starts once the request is handed to the kernel: the send itself is our CPU.
+                    if trace is not None and reused:
+                        await trace("http11.send_request_headers.started", {"request": request})
+                if conn.write_paused:
+                    await self._drain(conn, timeouts.get("write"))
+                while not conn.headers_done:
+                    if conn.error is not None:
+                        raise conn.error
+                    if conn.closed and not conn.complete:
+                        raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+                    if not await conn.wait(read_timeout):
+                        raise httpx.ReadTimeout(f"no response within {read_timeout}s")
+            except BaseException as exc:
+                self._discard(conn)
+                if isinstance(exc, httpx.RequestError):
+                    if not fresh and reused and _resendable(request, body, conn, exc, unsent):
+                        fresh = True
+                        continue
+                    _attach(exc, request)
+                raise
+            break
         extensions = {"http_version": b"HTTP/1.1", "reason_phrase": conn.reason}
         if conn.complete and conn.has_length:
             # The whole response came with its head (the usual case for API answers): hand it over read,
@@ -178,6 +162,7 @@ class FastTransport(httpx.AsyncBaseTransport):
                                       extensions=extensions)
             if not conn.encoded:
                 # What Response.read() would store, minus three generator layers and an identity decoder.
+                # (A private attribute: check_internals() verifies it still works this way.)
                 response._content = body
             return response
         return httpx.Response(conn.status, headers=conn.headers,
@@ -233,18 +218,25 @@ class FastTransport(httpx.AsyncBaseTransport):
         return None
 
     async def _acquire(self, key: tuple[str, int], timeouts: dict[str, Any], trace: Any,
-                       request: httpx.Request) -> _Conn:
-        """An idle keep-alive connection to ``key``, else a new one (waiting for room up to the pool timeout).
-        For a new one, emits the wire-start trace event: waiting for the connect is waiting on the network."""
+                       request: httpx.Request, fresh: bool = False) -> _Conn:
+        """An idle keep-alive connection to ``key`` (unless ``fresh``), else a new one (waiting for room up to
+        the pool timeout). For a new one, emits the wire-start trace event: waiting for the connect is waiting
+        on the network."""
         deadline = None
         while True:
-            conn = self._take_idle(key)
+            conn = None if fresh else self._take_idle(key)
             if conn is not None:
                 return conn  # the wire-start event follows the write (see handle_async_request)
             if self._max_conns is None or self._open < self._max_conns:
-                self._open += 1  # the slot is ours; _connect gives it back if connecting fails
+                # The slot is ours from here: every way out but a connection must give it back (_connect
+                # does for its own failures; a trace callback may raise or be cancelled too).
+                self._open += 1
                 if trace is not None:
-                    await trace("connection.connect_tcp.started", {"request": request})
+                    try:
+                        await trace("connection.connect_tcp.started", {"request": request})
+                    except BaseException:
+                        self._gone(None)
+                        raise
                 return await self._connect(key, timeouts.get("connect"))
             if self._idle_count and self._evict_one():
                 continue
@@ -338,30 +330,45 @@ class FastTransport(httpx.AsyncBaseTransport):
             await self._fallback.aclose()
 
 
-def _attach(exc: httpx.RequestError, request: httpx.Request) -> httpx.RequestError:
-    """Set ``exc.request`` (as httpx's own client does) so error handlers can read it."""
-    try:
-        exc.request  # noqa: B018 - raises when unset
-    except RuntimeError:
-        exc.request = request
-    return exc
+def _resendable(request: httpx.Request, body: bytes | None, conn: _Conn, exc: BaseException, unsent: bool) -> bool:
+    """May a request that failed on a *reused* keep-alive connection be sent again on a fresh one?
+
+    The race this is for: a server closes a connection that has been idle for its keep-alive timeout
+    (uvicorn's default: 5 s; our pool keeps them longer) just as our next request goes out on it.
+
+    How others decide. httpcore never resends (it only drops pooled connections whose socket turned
+    readable). urllib3 resends after a connection broke only for idempotent methods (a "read error": "assume
+    that the server began processing it"). aiohttp resends once, idempotent methods only, citing RFC 9112
+    §9.3.1. Go's net/http resends idempotent requests (or ones with an ``Idempotency-Key`` or
+    ``X-Idempotency-Key`` header) when the server closed before the first response byte, and any request it
+    knows it never wrote. RFC 9112 §9.3.1: a client MUST NOT automatically retry a non-idempotent request
+    unless it knows that the semantics are idempotent or that the original request was never applied.
+
+    The conservative rule, then, all of:
+
+    * the body is buffered bytes (a streamed body cannot be replayed) and the failure is the connection
+      closing or resetting (not a timeout: the server may be working on it);
+    * not one byte of a response arrived (the server had not started answering);
+    * and either nothing was written (the send itself failed: never applied), or the method is idempotent,
+      or the request carries an ``Idempotency-Key`` / ``X-Idempotency-Key`` (the caller vouches for it).
+
+    So a POST that met a stale connection *after* it was written is not resent here, even though for
+    uvicorn's idle close it never reached the application: from the client side that cannot be told apart
+    from a server that read the request and died working on it, and resending would run (and bill) the
+    generation twice. It fails as before, and the gateway's dispatcher decides (fall through to the next
+    candidate). The caller (``handle_async_request``) adds the last conditions: the connection was reused
+    (on a fresh connection the server really failed) and only one resend, on a fresh connection.
+    """
+    if body is None or not isinstance(exc, _BROKEN) or conn.received:
+        return False
+    headers = request.headers
+    return (unsent or request.method in _IDEMPOTENT or "idempotency-key" in headers
+            or "x-idempotency-key" in headers)
 
 
-def _head(request: httpx.Request) -> bytes:
-    """Request line and headers. Refuses header names that are not tokens and CR/LF/NUL in values
-    (header injection), as h11 does."""
-    parts = [request.method.encode("ascii"), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
-    for name, value in request.headers.raw:
-        if name not in _GOOD_NAMES:
-            if not _TOKEN.match(name):
-                raise httpx.LocalProtocolError(f"illegal header name {name!r}")
-            if len(_GOOD_NAMES) < 1024:
-                _GOOD_NAMES.add(name)
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(b"\r\n")
-    head = b"".join(parts)
-    # Every line break must be one of ours: one per header plus the request line and the blank line.
-    lines = len(parts) // 4 + 1
-    if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\0" in head:
-        raise httpx.LocalProtocolError("illegal character in request line or header value")
-    return head
+def make_transport(limits: httpx.Limits, *, trust_env: bool = True) -> httpx.AsyncBaseTransport:
+    """A ``FastTransport`` when :func:`check_internals` passes, else httpx's own ``AsyncHTTPTransport`` with
+    the same limits (and one warning line per process)."""
+    if fast_path_ok():
+        return FastTransport(limits, trust_env=trust_env)
+    return httpx.AsyncHTTPTransport(limits=limits, trust_env=trust_env)

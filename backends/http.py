@@ -4,7 +4,16 @@
 * ``send``: send a request, read the body, record *wire time* on the attempt's ``StageClock`` and map
   transport failures into the error vocabulary.
 * ``raise_for_status``: map an upstream HTTP status (and Retry-After) into the error vocabulary.
-* ``fetch_output``: fetch an output image from a URL or ``data:`` URI, only from allowed hosts, size-capped.
+* ``OutputFetcher`` and ``fetch_output``: fetch an output image from a URL or ``data:`` URI, only from allowed
+  hosts, size-capped, through a client that holds no credential (see ``OutputFetcher``).
+* ``passable_link``: whether an upstream's output URL may be handed to our client as it is.
+* ``credentials``: the secret values in a backend's settings, for ``scrub``.
+
+Credentials and output hosts, by construction: an API client may carry a credential (as default headers or
+per request), but ``fetch_output`` only accepts an ``OutputFetcher``, whose own client is built without
+default headers, cookies, redirects or environment credentials (netrc, proxies) and is never handed to
+anything else. An output host (a blob store, a CDN, any allow-listed host) therefore cannot receive a
+credential, whatever an API client carries.
 
 Why wire time from httpcore's trace events rather than timing ``await client.send()``: the client
 library's own CPU work (building the request, parsing the response) happens inside that await, and is
@@ -18,10 +27,12 @@ import base64
 import binascii
 import email.utils
 import http.cookiejar
+import ipaddress
 import os
+import socket
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,6 +43,7 @@ from backends.errors import (
     BackendError,
     BackendFailed,
     BackendOverloaded,
+    BackendQueueFull,
     BackendProtocolError,
     BackendRejected,
     BackendTimeout,
@@ -54,17 +66,23 @@ def make_client(
     headers: Mapping[str, str] | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
-    """The backend's single pooled client. Keep-alive connections are sized to ``max_concurrency`` so a
-    burst never waits for the pool before the router's own concurrency limit kicks in. The transport is
-    ``backends.fast_transport.FastTransport`` (set ``IMAGEGATE_HTTP_TRANSPORT=httpcore`` for httpx's own)."""
+    """A backend's pooled API client (and, without headers, the inside of its ``OutputFetcher``). Keep-alive
+    connections are sized to ``max_concurrency`` so a burst never waits for the pool before the router's own
+    concurrency limit kicks in. The transport is ``backends.fast_transport.FastTransport`` (set
+    ``IMAGEGATE_HTTP_TRANSPORT=httpcore`` for httpx's own)."""
     t = spec.timeouts
     limits = httpx.Limits(
         max_connections=spec.max_concurrency,
         max_keepalive_connections=spec.max_concurrency,
-        keepalive_expiry=30.0,
+        # Below uvicorn's and cog's 5 s idle timeout: a POST on a connection the server is closing cannot be
+        # resent safely (it may have started a billed generation), so we close idle connections first.
+        keepalive_expiry=4.0,
     )
     fast = None
-    if transport is None and os.environ.get("IMAGEGATE_HTTP_TRANSPORT", "fast") != "httpcore":
+    # FastTransport.supported(): the httpx internals it relies on were checked once at first use; if they
+    # differ (a newer httpx), httpx builds its own transport and one warning line says so.
+    if (transport is None and os.environ.get("IMAGEGATE_HTTP_TRANSPORT", "fast") != "httpcore"
+            and FastTransport.supported()):
         transport = fast = FastTransport(limits, trust_env=False)
     client = httpx.AsyncClient(
         base_url=base_url,
@@ -144,7 +162,8 @@ async def send(
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         raise BackendUnavailable(f"{backend}: cannot connect: {scrub(str(exc) or type(exc).__name__, secrets)}")
     except httpx.PoolTimeout:
-        raise BackendOverloaded(f"{backend}: no free connection in the pool")
+        # Our own pool is exhausted: this backend's queue is full here, so the request moves on now.
+        raise BackendQueueFull(f"{backend}: no free connection in the pool")
     except httpx.TimeoutException as exc:
         raise BackendTimeout(f"{backend}: {type(exc).__name__} after {timer.seconds():.1f}s")
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
@@ -238,6 +257,51 @@ def host_allowed(url: str, allowed_hosts: tuple[str, ...]) -> bool:
     return False
 
 
+def _non_public_address(host: str) -> bool:
+    """Whether ``host`` is an IP literal that is not a public unicast address (loopback, private,
+    link-local such as the 169.254.169.254 metadata service, unspecified, multicast, reserved...).
+    Legacy IPv4 spellings that clients still resolve (``2130706433``, ``0x7f.1``, ``127.1``) count."""
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            address = ipaddress.IPv4Address(socket.inet_aton(host))
+        except (OSError, ValueError):
+            return False  # a name: its owner is named in allowed_output_hosts and trusted with it
+    return not address.is_global or address.is_multicast
+
+
+def passable_link(url: str, allowed_hosts: tuple[str, ...]) -> bool:
+    """Whether an output URL from an upstream may be handed to our client as it is (``response_format:
+    url``): http(s), no userinfo, a host in ``allowed_hosts``, and not a non-public IP literal. A link to a
+    private, loopback or link-local address is never passed on, even from an allow-listed host: the client
+    cannot reach it (or reaches something of its own), and it tells the client about our network. Such a
+    URL is fetched and re-hosted instead; anything that is not allow-listed is refused."""
+    parts = urlsplit(url)
+    return (host_allowed(url, allowed_hosts) and "@" not in parts.netloc
+            and not _non_public_address(parts.hostname or ""))
+
+
+_MIN_HEADER_SECRET = 6
+
+
+def credentials(*values: str | None, headers: Mapping[str, str] | None = None,
+                urls: Iterable[str] = ()) -> tuple[str, ...]:
+    """The secret values of a backend's settings, for ``scrub``: the given credentials, every header value
+    (a header configured on a backend is there to authenticate, whatever its name) and the userinfo of
+    every URL. Longest first, so a secret that contains another is replaced whole."""
+    found = [v for v in values if v]
+    # Not the short ones ("1", "on"): scrubbing them would mangle every message, and they are no credential.
+    found += [v for v in (headers or {}).values() if len(v) >= _MIN_HEADER_SECRET]
+    for url in urls:
+        parts = urlsplit(url)
+        if "@" in parts.netloc:
+            userinfo = parts.netloc.rpartition("@")[0]
+            found += [userinfo, *(p for p in (parts.password,) if p)]
+    return tuple(sorted(set(found), key=len, reverse=True))
+
+
 _CONTENT_TYPES = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/webp": "webp"}
 
 
@@ -254,8 +318,32 @@ def sniff_format(data: bytes, content_type: str | None = None) -> str:
     return "png"
 
 
+class OutputFetcher:
+    """The only client output images are fetched with (``fetch_output`` accepts nothing else).
+
+    Its pooled client is built here, with no default headers, a cookie jar that keeps nothing, no
+    redirects and no environment credentials, and it is never handed out: no API credential can reach an
+    output host through it, however the backend's API client is set up. One per backend, started and
+    closed with it, so each backend's fetches have their own pool (sized like its API pool)."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self._client = make_client(spec)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def get(self, url: str, *, timeout: float, trace: _WireTimer) -> httpx.Response:
+        """Stream ``GET url`` (the caller reads and closes it). Nothing of ours goes out with it: no cookie,
+        no auth, no redirect followed. (httpx would turn a URL's own userinfo into Basic auth: ``fetch_output``
+        refuses such URLs before they get here.)"""
+        request = self._client.build_request("GET", url, timeout=timeout, extensions={"trace": trace})
+        return await self._client.send(request, stream=True, auth=None, follow_redirects=False)
+
+
 async def fetch_output(
-    client: httpx.AsyncClient,
+    fetcher: OutputFetcher,
     url: str,
     clock: StageClock,
     *,
@@ -267,9 +355,11 @@ async def fetch_output(
     """Fetch one output image; returns ``(bytes, format)``.
 
     ``data:`` URIs are decoded in place. HTTP(S) URLs are fetched only from ``allowed_hosts`` (never an
-    arbitrary URL from a response: that would let an upstream make us fetch internal addresses),
-    without following redirects, and abandoned past ``max_bytes``.
+    arbitrary URL from a response: that would let an upstream make us fetch internal addresses), through
+    ``fetcher`` (no credential, no cookie), without following redirects, and abandoned past ``max_bytes``.
     """
+    if not isinstance(fetcher, OutputFetcher):  # an API client here would send its credential along
+        raise TypeError("fetch_output needs an OutputFetcher, not an API client")
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if ";base64" not in header:
@@ -284,21 +374,22 @@ async def fetch_output(
     if not host_allowed(url, allowed_hosts):
         host = urlsplit(url).hostname or "?"
         raise OutputNotAllowed(f"{backend}: output URL host {host!r} is not in allowed_output_hosts")
+    if "@" in urlsplit(url).netloc:
+        raise OutputNotAllowed(f"{backend}: output URL carries credentials (user info)")
     timer = _WireTimer()
     chunks: list[bytes] = []
     size = 0
+    response: httpx.Response | None = None
     try:
-        async with client.stream(
-            "GET", url, timeout=timeout, extensions={"trace": timer}, follow_redirects=False
-        ) as response:
-            if response.status_code != 200:
-                raise OutputFetchError(f"{backend}: output URL answered HTTP {response.status_code}")
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise OutputFetchError(f"{backend}: output larger than {max_bytes} bytes")
-                chunks.append(chunk)
-            content_type = response.headers.get("content-type")
+        response = await fetcher.get(url, timeout=timeout, trace=timer)
+        if response.status_code != 200:
+            raise OutputFetchError(f"{backend}: output URL answered HTTP {response.status_code}")
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > max_bytes:
+                raise OutputFetchError(f"{backend}: output larger than {max_bytes} bytes")
+            chunks.append(chunk)
+        content_type = response.headers.get("content-type")
     except BackendError:
         raise
     except httpx.TimeoutException:
@@ -306,6 +397,8 @@ async def fetch_output(
     except httpx.HTTPError as exc:
         raise OutputFetchError(f"{backend}: output fetch failed: {type(exc).__name__}") from None
     finally:
+        if response is not None:
+            await response.aclose()
         clock.add_wait(timer.seconds())
     data = b"".join(chunks)
     return data, sniff_format(data, content_type)

@@ -1,6 +1,7 @@
 """One HTTP/1.1 client connection for ``backends.fast_transport``: an asyncio protocol feeding the httptools
 (llhttp) response parser. It only collects what arrives — status, headers, body chunks, completion, errors —
-and wakes the request waiting on it; the transport owns pooling, timeouts and the request side.
+and wakes the request waiting on it; the transport owns pooling, timeouts and the request flow (this module
+also serialises the request head, :func:`request_head`, and streams a body, :class:`BodyStream`).
 
 Errors are httpx's own types: ``ReadError`` for a reset, ``RemoteProtocolError`` for a close before the
 response was complete or an unparseable response.
@@ -9,12 +10,16 @@ response was complete or an unparseable response.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from typing import Any
 
 import httptools
 import httpx
 
 _perf = time.perf_counter
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_GOOD_NAMES: set[bytes] = set()  # header names already validated (a small, fixed vocabulary in practice)
 # Reading pauses when this much of a response body is buffered and not yet consumed (streamed downloads).
 MAX_BUFFER = 4 * 1024 * 1024
 
@@ -52,7 +57,7 @@ class Connection(asyncio.Protocol):
         self.buffered = 0
         self.received = 0
         self.keep_alive = False
-        self.error: Exception | None = None
+        self.error: httpx.RequestError | None = None
 
     # -- asyncio protocol ----------------------------------------------------------------------------
 
@@ -156,7 +161,7 @@ class Connection(asyncio.Protocol):
                 return False
         return True
 
-    def _fail(self, error: Exception) -> None:
+    def _fail(self, error: httpx.RequestError) -> None:
         if self.error is None:
             self.error = error
         self.abort()
@@ -195,6 +200,88 @@ class Connection(asyncio.Protocol):
         return data
 
 
+class BodyStream(httpx.AsyncByteStream):
+    """A response body as it arrives on ``conn``; hands the connection back to ``owner`` (the pool:
+    ``_release`` once fully read, ``_discard`` on any failure or an early close)."""
+
+    __slots__ = ("_conn", "_owner", "_request", "_timeout", "_trace")
+
+    def __init__(self, owner: Any, conn: Connection, trace: Any, timeout: float | None,
+                 request: httpx.Request) -> None:
+        self._owner = owner
+        self._conn: Connection | None = conn
+        self._trace = trace
+        self._timeout = timeout
+        self._request = request
+
+    def __aiter__(self) -> BodyStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        conn = self._conn
+        if conn is None:
+            raise StopAsyncIteration
+        while True:
+            if conn.chunks:
+                return conn.take_body()
+            if conn.complete:
+                self._conn = None
+                self._owner._release(conn)
+                if self._trace is not None:
+                    await self._trace("http11.receive_response_body.complete",
+                                      {"request": self._request, "at": conn.complete_at})
+                raise StopAsyncIteration
+            if conn.error is not None:
+                self._conn = None
+                self._owner._discard(conn)
+                raise attach(conn.error, self._request)
+            try:
+                woke = await conn.wait(self._timeout)
+            except BaseException:
+                self._conn = None
+                self._owner._discard(conn)
+                raise
+            if not woke:
+                self._conn = None
+                self._owner._discard(conn)
+                raise httpx.ReadTimeout(f"no data for {self._timeout}s while reading the response body",
+                                        request=self._request)
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:  # closed before the end: the rest of the body is still on its way, drop it
+            self._owner._discard(conn)
+
+
+def attach(exc: httpx.RequestError, request: httpx.Request) -> httpx.RequestError:
+    """Set ``exc.request`` (as httpx's own client does) so error handlers can read it."""
+    try:
+        exc.request  # noqa: B018 - raises when unset
+    except RuntimeError:
+        exc.request = request
+    return exc
+
+
 def _expire(waiter: asyncio.Future[bool]) -> None:
     if not waiter.done():
         waiter.set_result(False)
+
+
+def request_head(request: httpx.Request) -> bytes:
+    """Request line and headers. Refuses header names that are not tokens and CR/LF/NUL in values
+    (header injection), as h11 does."""
+    parts = [request.method.encode("ascii"), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
+    for name, value in request.headers.raw:
+        if name not in _GOOD_NAMES:
+            if not _TOKEN.match(name):
+                raise httpx.LocalProtocolError(f"illegal header name {name!r}")
+            if len(_GOOD_NAMES) < 1024:
+                _GOOD_NAMES.add(name)
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    head = b"".join(parts)
+    # Every line break must be one of ours: one per header plus the request line and the blank line.
+    lines = len(parts) // 4 + 1
+    if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\0" in head:
+        raise httpx.LocalProtocolError("illegal character in request line or header value")
+    return head

@@ -3,6 +3,12 @@ server). ``to_body`` and ``from_body`` are the pure translation; ``OpenAIBackend
 
 Base64 images are passed through as the text they arrived in: no decode/encode round trip unless the
 client asked for another output format (then the gateway transcodes).
+
+Output URLs: with ``response_format: url`` an upstream link is handed to the client as it is only when
+``backends.http.passable_link`` allows it (an allow-listed host, not a private/loopback/link-local
+address); a ``data:`` URI or an allow-listed private address is fetched and re-hosted by the gateway, and
+any other URL is this backend's failure (``OutputNotAllowed``, the request falls back). Fetches go through
+the backend's ``OutputFetcher``, never through the API client that carries the key and ``extra_headers``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,16 @@ import orjson
 
 from backends.base import EMPTY, BackendSpec, Image, ImageRequest, ImageResult, Load, LoadCounter, StageClock, Usage
 from backends.errors import BackendProtocolError, BackendUnavailable
-from backends.http import fetch_output, make_client, raise_for_status, send, sniff_format
+from backends.http import (
+    OutputFetcher,
+    credentials,
+    fetch_output,
+    make_client,
+    passable_link,
+    raise_for_status,
+    send,
+    sniff_format,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +173,11 @@ class OpenAIBackend:
     def __init__(self, spec: BackendSpec) -> None:
         self.spec = spec
         self.settings: Settings = spec.settings
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.AsyncClient | None = None  # API calls only: it carries the key and extra_headers
+        self._fetcher: OutputFetcher | None = None  # output URLs: no credential
         self._load = LoadCounter()
-        self._secrets = tuple(s for s in (self.settings.api_key,) if s)
+        s = self.settings
+        self._secrets = credentials(s.api_key, headers=s.extra_headers, urls=(s.base_url,))
         # Parsed once: httpx would otherwise parse (and validate, and percent-encode) the URL text per request.
         self._url = httpx.URL(self.settings.base_url.rstrip("/") + self.settings.path)
 
@@ -169,10 +186,14 @@ class OpenAIBackend:
         if self.settings.api_key:
             headers["authorization"] = f"Bearer {self.settings.api_key}"
         self._client = make_client(self.spec, headers=headers)
+        self._fetcher = OutputFetcher(self.spec)
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        client, fetcher, self._client, self._fetcher = self._client, self._fetcher, None, None
+        if client is not None:
+            await client.aclose()
+        if fetcher is not None:
+            await fetcher.aclose()
 
     def ready(self) -> bool:
         return self._client is not None
@@ -195,14 +216,21 @@ class OpenAIBackend:
                 images = from_body(parse_body(response.content), request.output_format)
             except (orjson.JSONDecodeError, ValueError) as exc:
                 raise BackendProtocolError(f"{name}: unreadable images response: {exc}") from None
-            if request.response_format != "url":
-                images = [await self._fetched(img, clock) if img.url else img for img in images]
+            if any(img.url for img in images):
+                # A link goes to the client as it is only when it may (see the module docstring).
+                keep = request.response_format == "url"
+                allowed = self.settings.allowed_output_hosts
+                images = [await self._fetched(img, clock)
+                          if img.url and not (keep and passable_link(img.url, allowed)) else img
+                          for img in images]
         return ImageResult(tuple(images), Usage(images=len(images), megapixels=request.megapixels * len(images)))
 
     async def _fetched(self, image: Image, clock: StageClock) -> Image:
-        assert self._client is not None and image.url is not None
+        assert image.url is not None
+        if self._fetcher is None:
+            raise BackendUnavailable(f"{self.spec.name}: not started")
         data, fmt = await fetch_output(
-            self._client, image.url, clock, backend=self.spec.name,
+            self._fetcher, image.url, clock, backend=self.spec.name,
             allowed_hosts=self.settings.allowed_output_hosts, max_bytes=self.settings.max_output_bytes,
         )
         return Image(format=fmt, data=data, revised_prompt=image.revised_prompt)

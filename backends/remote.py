@@ -6,7 +6,8 @@
   ``StageClock``. The first failure cancels the siblings, which cancel their remote work before the
   failure propagates. The attempt's clock is charged the *longest* wait and the longest of each stage:
   parallel waits overlap, and their sum would count the same wall time several times over.
-* ``fetch_images``: fetch output URLs / ``data:`` URIs concurrently through ``fan_out``.
+* ``fetch_images``: fetch output URLs / ``data:`` URIs concurrently through ``fan_out``, with the backend's
+  ``OutputFetcher`` (never its API client: see ``backends.http``).
 * ``same_origin``: whether a URL an API handed back is on the configured origin (our credential goes
   with it, so it must never be followed anywhere else). It would sit well in ``backends.http`` next to
   ``host_allowed``; it lives here while that module is being changed by others.
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 import httpx
 
 from backends.base import Image, StageClock
-from backends.http import fetch_output
+from backends.http import OutputFetcher, fetch_output
 
 T = TypeVar("T")
 
@@ -91,7 +92,7 @@ async def _gather_or_cancel(aws: list[Awaitable[T]]) -> list[T]:
 
 
 async def fetch_images(
-    client: httpx.AsyncClient,
+    fetcher: OutputFetcher,
     urls: Sequence[str],
     clock: StageClock,
     *,
@@ -103,7 +104,7 @@ async def fetch_images(
     """Fetch every output (``data:`` URIs or allow-listed URLs, see ``backends.http.fetch_output``)
     concurrently, in order, in the format each came in."""
     fetched = await fan_out(
-        [lambda k, url=url: fetch_output(client, url, k, backend=backend, allowed_hosts=allowed_hosts,
+        [lambda k, url=url: fetch_output(fetcher, url, k, backend=backend, allowed_hosts=allowed_hosts,
                                          max_bytes=max_bytes, timeout=timeout)
          for url in urls],
         clock,

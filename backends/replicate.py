@@ -53,6 +53,8 @@ from backends.errors import (
     scrub,
 )
 from backends.http import (
+    OutputFetcher,
+    credentials,
     json_body,
     make_client,
     raise_for_status,
@@ -155,11 +157,11 @@ class ReplicateBackend:
     def __init__(self, spec: BackendSpec) -> None:
         self.spec = spec
         self.settings: Settings = spec.settings
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.AsyncClient | None = None  # the API only
+        self._fetcher: OutputFetcher | None = None  # delivery URLs: no credential
         self._loads = LoadCounter()
-        self._secrets = (self.settings.api_token,)
-        # Sent per request rather than as client defaults: the same pool fetches outputs from delivery
-        # hosts, which must never see the token.
+        self._secrets = credentials(self.settings.api_token, urls=(self.settings.base_url,))
+        # Sent per request rather than as client defaults, and only to the API's own origin (see same_origin).
         self._auth = {"Authorization": f"Bearer {self.settings.api_token}"}
         self._background = Background()  # cancels that outlive the generate() that started them
 
@@ -168,13 +170,16 @@ class ReplicateBackend:
     async def start(self) -> None:
         self._client = make_client(self.spec, self.settings.base_url.rstrip("/"),
                                    headers={"User-Agent": "imagegate"})
+        self._fetcher = OutputFetcher(self.spec)
 
     async def aclose(self) -> None:
         # Give in-flight cancellations a moment to reach Replicate, then drop them.
         await self._background.drain(self.settings.cancel_timeout)
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        client, fetcher, self._client, self._fetcher = self._client, self._fetcher, None, None
+        if client is not None:
+            await client.aclose()
+        if fetcher is not None:
+            await fetcher.aclose()
 
     def ready(self) -> bool:
         return self._client is not None
@@ -286,10 +291,11 @@ class ReplicateBackend:
             raise BackendFailed(f"{name}: prediction was canceled upstream")
         if not prediction.outputs:
             raise BackendProtocolError(f"{name}: prediction succeeded without output")
-        assert self._client is not None
+        if self._fetcher is None:
+            raise BackendUnavailable(f"{name}: not started")
         for stage, seconds in prediction.timings.items():  # remote_queue / remote_predict
             clock.stage(stage, seconds)
-        images = await fetch_images(self._client, prediction.outputs, clock, backend=name,
+        images = await fetch_images(self._fetcher, prediction.outputs, clock, backend=name,
                                     allowed_hosts=s.allowed_output_hosts, max_bytes=s.max_output_bytes,
                                     timeout=s.output_timeout)
         return _Outcome(images=images, predict_s=prediction.timings.get("remote_predict"))

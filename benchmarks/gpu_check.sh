@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check of the local SDXL backend, in one call of at most ~9 minutes on an H100/H200:
 #
-#   1. benchmarks/gpu_sync_check.py   the sync-free loop proof, CUDA-graph capture and replay (tiny UNet, ~1 min)
+#   1. benchmarks/gpu_sync_check.py   the sync-free proof of the backend's own loop (SDXLPipeline), its CUDA-graph
+#                                     capture and replay (tiny UNet, ~1 min)
 #   2. benchmarks/sdxl.py             stock vs tuned vs TAESD at 1024², 24 steps, preset sdxl-random,
 #                                     with whatever time is left as its budget for the optional phases
 #
@@ -35,7 +36,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 
 status=0
 if [ "$dry" = 1 ]; then
-  sync_args=(--dry-run)
+  sync_args=(--dry-run --steps 4)
   bench_args=(--preset tiny --device cpu --size 64 --steps 4 --also-steps 0 --batches 1,2 --repeats 1)
 else
   sync_args=()

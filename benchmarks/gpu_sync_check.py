@@ -1,21 +1,26 @@
-"""Prove on a CUDA device that the DPM++ 2M Karras denoising loop never synchronizes host and device.
+"""Prove on a CUDA device that the local backend's own denoising loop never synchronizes host and device.
 
-Run from the repository root:  python benchmarks/gpu_sync_check.py [--steps 24] [--dtype bfloat16]
+Run from the repository root:  python benchmarks/gpu_sync_check.py [--steps 24] [--dtype bfloat16] [--compile]
 
-Checks (one PASS/FAIL line each; exit status 1 if any fails, 0 with a SKIP line where there is no CUDA):
-  1. parity: our scheduler vs diffusers' DPMSolverMultistepScheduler(use_karras_sigmas=True) on the device,
-     fp32, with a deterministic fake model;
-  2. scheduler loop under ``torch.cuda.set_sync_debug_mode("error")`` (any implicit sync raises);
-  3. full loop (tiny SDXL UNet from ``preset: tiny``, CFG batch 2) under the same sync debug mode;
-  4. the full loop captured once in a ``torch.cuda.CUDAGraph`` and replayed on two different noise inputs,
-     each compared with the eager loop (per-step scalars come from device buffers, so a replay is correct
-     for every step, not just the captured values);
+Everything checked is the backend's real code, not a copy: the pipeline is built by
+``backends.local_sdxl.pipeline.build_pipeline`` (``preset: tiny``: load, set-up, warm-up, and on CUDA the
+CUDA-graph capture of the listed shape, exactly as the backend starts), and the checks drive
+``SDXLPipeline.loop_inputs`` / ``denoise`` / ``sync_checked`` / ``check_sync_free`` / ``capture`` and the
+captured graph's ``replay`` (``cudagraph.py``). Checks (one PASS/FAIL line each; exit status 1 if any
+fails, 0 with a SKIP line where there is no CUDA):
+
+  1. parity: ``SDXLPipeline.denoise`` driving our scheduler vs diffusers' DPMSolverMultistepScheduler
+     (use_karras_sigmas=True), fp32, with a deterministic fake UNet (so only the loop and scheduler differ);
+  2. that loop (fake UNet) under ``torch.cuda.set_sync_debug_mode("error")`` (any implicit sync raises);
+  3. the loop with the tiny SDXL UNet (CFG) under the same mode, and it equals the loop run plainly;
+     ``SDXLPipeline.check_sync_free`` (what benchmarks/sdxl.py reports) agrees;
+  4. the graph ``build_pipeline`` captured for the shape (``SDXLPipeline.capture``), replayed on two inputs,
+     each compared with the plain loop (per-step scalars come from device buffers, so a replay is correct for
+     every step, not just the captured values); replays differ for different inputs;
   5. control: diffusers' own step on the device *does* trip the sync check (so check 2 can fail).
-Also prints eager vs graph-replay time per loop. ``--dry-run`` runs checks 1 and the eager loops on the CPU
-(no sync mode, no graph) to validate the script itself where no GPU is present.
-
-Self-contained: imports only torch, ``backends.local_sdxl.scheduler`` and ``backends.local_sdxl.presets``
-(and diffusers for the parity/control checks; presets needs it anyway).
+Also prints plain loop vs graph-replay time. ``--dry-run`` runs the same code on the CPU (there the sync
+debug mode does not exist and ``sync_checked`` just runs the loop; no graph): it validates the script and
+the seam it uses where no GPU is present.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from backends.local_sdxl.presets import load_components
-from backends.local_sdxl.scheduler import SDXL_SCHEDULER_CONFIG, DPMSolver2MKarras
+from backends.local_sdxl.pipeline import Batch, SDXLPipeline, build_pipeline
+from backends.local_sdxl.scheduler import SDXL_SCHEDULER_CONFIG
+from backends.local_sdxl.settings import Settings, Shape
 
 RESULTS: list[tuple[str, bool, str]] = []
 
@@ -39,6 +46,10 @@ RESULTS: list[tuple[str, bool, str]] = []
 def report(name: str, ok: bool, detail: str = "") -> None:
     RESULTS.append((name, ok, detail))
     print(f"{'PASS' if ok else 'FAIL'} {name}" + (f": {detail}" if detail else ""), flush=True)
+
+
+def skip(name: str, why: str) -> None:
+    print(f"SKIP {name}: {why}", flush=True)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,67 +62,48 @@ def fake_model(sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return 0.7 * sample + (t.to(sample.dtype) / 1000.0) * pattern.to(sample.dtype)
 
 
-def scheduler_loop(plan, model: Callable, noise: torch.Tensor) -> torch.Tensor:
-    """The loop exactly as the pipeline runs it (the interface in scheduler.py)."""
-    latents = noise * plan.init_noise_sigma
-    prev_x0 = torch.zeros_like(latents)
-    for i in range(plan.num_steps):
-        idx = plan.index(i)
-        model_in = plan.scale_model_input(latents, idx)
-        latents, prev_x0 = plan.step(model(model_in, plan.timestep(idx)), idx, latents, prev_x0)
-    return latents
+def fake_unet(sample: torch.Tensor, t: torch.Tensor, **_: Any) -> tuple[torch.Tensor]:
+    """Called as the pipeline calls the UNet, on the CFG-doubled batch: both halves get the fake model's answer
+    for one half, so guidance leaves it unchanged and the loop sees exactly ``fake_model``."""
+    eps = fake_model(sample.chunk(2)[0].float(), t)
+    return (torch.cat([eps, eps]),)
 
 
-def diffusers_scheduler(steps: int, device: torch.device, *, begin_index: bool = True):
+def diffusers_loop(steps: int, device: torch.device, noise: torch.Tensor, *, begin_index: bool = True):
+    """diffusers' own DPM++ 2M Karras loop with the fake model; returns (scheduler, run)."""
     from diffusers import DPMSolverMultistepScheduler
 
     sched = DPMSolverMultistepScheduler.from_config(SDXL_SCHEDULER_CONFIG, use_karras_sigmas=True)
     sched.set_timesteps(steps, device=device)
     if begin_index:
         sched.set_begin_index(0)
-    return sched
+
+    def run() -> torch.Tensor:
+        latents = noise * sched.init_noise_sigma
+        for t in sched.timesteps:
+            latents = sched.step(fake_model(latents, t), t, latents, return_dict=False)[0]
+        return latents
+
+    return run
 
 
-def diffusers_loop(sched, noise: torch.Tensor) -> torch.Tensor:
-    latents = noise * sched.init_noise_sigma
-    for t in sched.timesteps:
-        latents = sched.step(fake_model(latents, t), t, latents, return_dict=False)[0]
-    return latents
+def make_pipeline(device: torch.device, dtype: str, size: int, batch: int, steps: int, compile_: bool) -> SDXLPipeline:
+    """The backend's own start-up (``build_pipeline``) for ``preset: tiny`` with one listed shape."""
+    cuda = device.type == "cuda"
+    settings = Settings(preset="tiny", device=str(device), dtype=dtype, vae_dtype=dtype,  # type: ignore[arg-type]
+                        compile=compile_, cuda_graphs=cuda, channels_last=cuda,
+                        shapes=(Shape(size, size, batch),), default_steps=steps, warmup_runs=0)
+    return build_pipeline(settings)
 
 
-def make_unet_model(components, batch: int, guidance: float, dtype: torch.dtype, device) -> Callable:
-    """Tiny SDXL UNet with classifier-free guidance; conditioning is fixed random device tensors."""
-    unet = components.unet
-    g = torch.Generator(device="cpu").manual_seed(1)
-    width = unet.config.cross_attention_dim
-    pooled_dim = components.text_encoder_2.config.projection_dim
-    embeds = torch.randn(2 * batch, 77, width, generator=g).to(device, dtype)
-    pooled = torch.randn(2 * batch, pooled_dim, generator=g).to(device, dtype)
-    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * (2 * batch), device=device, dtype=dtype)
-    scale = torch.tensor(guidance, device=device, dtype=torch.float32)
-
-    def model(sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        both = torch.cat([sample, sample]).to(dtype)
-        out = unet(both, t, encoder_hidden_states=embeds,
-                   added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
-        uncond, cond = out.float().chunk(2)
-        return (uncond + scale * (cond - uncond)).to(sample.dtype)
-
-    return model
-
-
-def check_sync_free(name: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+def sync_free(pipe: SDXLPipeline, name: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:
     try:
-        out = fn()
+        out = pipe.sync_checked(fn)
     except RuntimeError as exc:
-        torch.cuda.set_sync_debug_mode(0)
         report(name, False, f"synchronizing call: {str(exc).splitlines()[0]}")
         return None
-    torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
-    report(name, bool(torch.isfinite(out).all().item()), "no host-device sync inside the loop")
+    finite = bool(torch.isfinite(out).all().item())  # reading the result back is after the check
+    report(name, finite, "no host-device sync inside the loop" if pipe.cuda else "CPU: nothing to sync with")
     return out
 
 
@@ -127,99 +119,89 @@ def time_it(fn: Callable[[], object], repeat: int = 5) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    parser.add_argument("--size", type=int, default=64, help="image side; latents are size/2 with preset tiny")
+    parser.add_argument("--size", type=int, default=64, help="image side (latents are size/8 with preset tiny)")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dry-run", action="store_true", help="CPU: validate the script (no sync/graph checks)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and decoders, as in production")
+    parser.add_argument("--dry-run", action="store_true", help="CPU: the same code, without sync mode or graphs")
     args = parser.parse_args(argv)
     RESULTS.clear()
     cuda = torch.cuda.is_available() and not args.dry_run
     if not cuda and not args.dry_run:
-        print("SKIP gpu_sync_check: no CUDA device (nothing to prove on CPU; see tests for the fullgraph check)")
+        print("SKIP gpu_sync_check: no CUDA device (nothing to prove on CPU; --dry-run checks the script)")
         return 0
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = getattr(torch, args.dtype) if cuda else torch.float32
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dtype = args.dtype if cuda else "float32"
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu (dry run)'}, torch {torch.__version__}, "
-          f"{args.steps} steps, {args.dtype if cuda else 'float32'}")
+          f"{args.steps} steps, {dtype}, {args.size}x{args.size} batch {args.batch}, "
+          f"{'compiled' if args.compile else 'eager'} UNet")
 
-    plan = DPMSolver2MKarras.from_config(SDXL_SCHEDULER_CONFIG).plan(args.steps, device=device)
-    noise32 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.inference_mode():
+        pipe = make_pipeline(device, dtype, args.size, args.batch, args.steps, args.compile)
+        # fp32 twin for the parity check (a bf16 pipeline rounds the UNet input; the fake UNet needs none).
+        pipe32 = pipe if dtype == "float32" else make_pipeline(device, "float32", args.size, args.batch,
+                                                               args.steps, compile_=False)
+        plan = pipe.plan(args.steps)
 
-    # 1. parity on the device (fp32)
-    ours = scheduler_loop(plan, fake_model, noise32)
-    ref = diffusers_loop(diffusers_scheduler(args.steps, device), noise32)
-    err = rel_err(ours, ref)
-    report("parity with diffusers (fp32, fake model)", err <= 1e-4, f"max rel err {err:.2e}")
+        def batch(seed: int, guidance: float = 5.0) -> Batch:
+            return Batch(args.size, args.size, args.steps, "full", (("sync check", None),) * args.batch,
+                         tuple(range(seed, seed + args.batch)), (guidance,) * args.batch, args.batch)
 
-    components = load_components(preset="tiny", model=None, taesd=None, device=device, dtype=dtype,
-                                 vae_dtype=dtype, seed=0, progress=lambda line: None)
-    model = make_unet_model(components, args.batch, 5.0, dtype, device)
-    side = args.size // components.vae_scale_factor
-    shape = (args.batch, components.unet.config.in_channels, side, side)
-    noise_a = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    noise_b = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+        # 1. parity of the real loop (fake UNet, guidance 1) with diffusers' scheduler, fp32
+        noise, embeds, pooled, time_ids, ones = pipe32.loop_inputs(batch(0, guidance=1.0))
+        ours = pipe32.denoise(fake_unet, pipe32.plan(args.steps), noise, embeds, pooled, time_ids, ones)
+        ref = diffusers_loop(args.steps, device, noise)()
+        err = rel_err(ours, ref)
+        report("parity with diffusers (SDXLPipeline.denoise, fp32, fake UNet)", err <= 1e-4, f"max rel err {err:.2e}")
 
-    def full_loop(noise: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return scheduler_loop(plan, model, noise)
+        # 2./3. no syncs: the real loop with the fake UNet, then with the tiny UNet (CFG)
+        sync_free(pipe32, "SDXLPipeline.denoise (fake UNet) under sync_debug_mode=error",
+                  lambda: pipe32.denoise(fake_unet, pipe32.plan(args.steps), noise, embeds, pooled, time_ids, ones))
+        inputs_a, inputs_b = pipe.loop_inputs(batch(1)), pipe.loop_inputs(batch(2))
+        eager_a = pipe.denoise(pipe.unet_fast, plan, *inputs_a)  # also a warm-up before any check
+        eager_b = pipe.denoise(pipe.unet_fast, plan, *inputs_b)
+        out = sync_free(pipe, "SDXLPipeline.denoise (tiny UNet, CFG) under sync_debug_mode=error",
+                        lambda: pipe.denoise(pipe.unet_fast, plan, *inputs_a))
+        if out is not None:
+            err = rel_err(out, eager_a)
+            report("sync-checked loop equals the plain loop", err <= 1e-5, f"max rel err {err:.2e}")
+        problem = pipe.check_sync_free(args.size, args.size, args.batch, args.steps)
+        report("SDXLPipeline.check_sync_free", problem is None, problem.splitlines()[0] if problem else "")
 
-    eager_a = full_loop(noise_a)  # also the warm-up (cuDNN/cuBLAS handles, lazy inits) before any check
-    eager_b = full_loop(noise_b)
-    if not cuda:
-        report("eager tiny-UNet loop runs (dry run)", bool(torch.isfinite(eager_a).all()), f"shape {tuple(shape)}")
-        return summary()
+        # 4. the CUDA graph build_pipeline captured for the listed shape, replayed for two inputs
+        key = (args.size, args.size, args.batch, args.steps)
+        if not cuda:
+            skip("CUDA graph capture and replay", "CPU dry run")
+            return summary()
+        graph = pipe.graphs.get(key)
+        if graph is None:
+            report("build_pipeline captured the listed shape", False, f"no graph for {key}: {sorted(pipe.graphs)}")
+            return summary()
+        report("build_pipeline captured the listed shape", True, f"{args.steps} steps in one graph")
+        tol = 1e-4 if dtype == "float32" else 2e-2
+        for name, inputs, eager in (("A", inputs_a, eager_a), ("B", inputs_b, eager_b)):
+            noise_i, embeds_i, pooled_i, _, guidance_i = inputs
+            replayed = graph.replay(noise_i, embeds_i, pooled_i, guidance_i)
+            torch.cuda.synchronize()
+            err = rel_err(replayed, eager)
+            report(f"graph replay on input {name} matches the plain loop", err <= tol, f"max rel err {err:.2e} (tol {tol})")
+        report("replays differ for different inputs (not frozen)", not torch.equal(graph.out, eager_a))
 
-    # 2./3. no syncs
-    check_sync_free("scheduler loop under sync_debug_mode=error", lambda: scheduler_loop(plan, fake_model, noise32))
-    out = check_sync_free("tiny-UNet CFG loop under sync_debug_mode=error", lambda: full_loop(noise_a))
-    if out is not None:
-        err = rel_err(out, eager_a)
-        report("sync-checked loop equals the plain eager loop", err <= 1e-5, f"max rel err {err:.2e}")
+        plain_ms = time_it(lambda: pipe.denoise(pipe.unet_fast, plan, *inputs_a))
+        graph_ms = time_it(lambda: graph.replay(*inputs_a[:3], inputs_a[4]))
+        print(f"INFO loop time: plain {plain_ms:.2f} ms, graph replay {graph_ms:.2f} ms "
+              f"({plain_ms / max(graph_ms, 1e-6):.1f}x) for {args.steps} steps, tiny UNet, batch {args.batch} with CFG")
 
-    # 4. CUDA graph: capture once, replay for two inputs
-    static_in = noise_a.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            full_loop(static_in)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            static_out = full_loop(static_in)
-    except Exception as exc:  # noqa: BLE001 - any capture failure is a FAIL line, not a traceback
-        report("CUDA graph capture of the whole loop", False, f"{type(exc).__name__}: {exc}")
-        return summary()
-    report("CUDA graph capture of the whole loop", True, f"{args.steps} steps in one graph")
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    for name, noise, eager in (("A", noise_a, eager_a), ("B", noise_b, eager_b)):
-        static_in.copy_(noise)
-        graph.replay()
-        torch.cuda.synchronize()
-        err = rel_err(static_out, eager)
-        report(f"graph replay on input {name} matches eager", err <= tol, f"max rel err {err:.2e} (tol {tol})")
-    report("replays differ for different inputs (not frozen)", not torch.equal(static_out, eager_a))
-
-    eager_ms = time_it(lambda: full_loop(noise_a))
-    graph_ms = time_it(graph.replay)
-    print(f"INFO loop time: eager {eager_ms:.2f} ms, graph replay {graph_ms:.2f} ms "
-          f"({eager_ms / max(graph_ms, 1e-6):.1f}x) for {args.steps} steps, tiny UNet, batch {args.batch} with CFG")
-
-    # 5. control: diffusers' scheduler (first step without set_begin_index looks the index up with nonzero)
-    sched = diffusers_scheduler(args.steps, device, begin_index=False)  # set-up copies happen before the check
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        diffusers_loop(sched, noise32)
-        synced = False
-    except RuntimeError:
-        synced = True
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    report("control: diffusers' scheduler trips the sync check", synced)
+        # 5. control: diffusers' scheduler (first step without set_begin_index looks the index up with nonzero)
+        control = diffusers_loop(args.steps, device, noise, begin_index=False)  # set-up copies happen first
+        try:
+            pipe.sync_checked(control)
+            synced = False
+        except RuntimeError:
+            synced = True
+        report("control: diffusers' scheduler trips the sync check", synced)
     return summary()
 
 

@@ -39,33 +39,72 @@ class Parsed:
     max_cost_usd: float | None
 
 
-def _int(body: Mapping[str, Any], key: str, lo: int, hi: int) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)  # header values arrive as text
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"'{key}' must be an integer", param=key)
-    if not lo <= value <= hi:
+class HeaderText(str):
+    """A value that arrived as ``X-Imagegate-*`` header text, not as a JSON value.
+
+    Only such values may be read from text (``"42"`` → 42): in a JSON body a number must be a JSON number,
+    a boolean a JSON boolean, as in OpenAI's API. The subclass marks the origin at zero cost to the body path.
+    """
+
+    __slots__ = ()
+
+
+# The strict text forms of header values (after trimming spaces and tabs). ``[0-9]`` is ASCII only (unlike
+# ``\d`` or ``str.isdigit``, which accept "²" and "٣" that ``int()`` then rejects or reads); the digit
+# counts cap the length before ``int()`` / ``float()`` ever run, so no header can make them work hard.
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,19}")
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][+-]?[0-9]{1,3})?")
+_BOOL_TEXT = {"true": True, "false": False}
+MAX_TEXT_CHARS = 64  # what a rejected value's echo and the matchers above ever look at
+
+
+def number(value: object, key: str, lo: float, hi: float, *, integer: bool) -> Any:
+    """The one number reader, for body values and header text alike.
+
+    Accepts a JSON number (an ``int`` that is not a ``bool``; a ``float`` too unless ``integer``) or
+    ``HeaderText`` in the strict forms above, and checks ``lo <= value <= hi`` (which also refuses NaN and
+    ±inf, e.g. from ``"1e400"``). Anything else is an ``InvalidRequest`` naming ``key``: never a
+    ``ValueError`` escaping as a 500.
+    """
+    kind = type(value)
+    if kind is int or (kind is float and not integer):
+        pass
+    elif kind is HeaderText:
+        text = value.strip(" \t")  # type: ignore[attr-defined]
+        pattern = _INT_TEXT if integer else _FLOAT_TEXT
+        if len(text) > MAX_TEXT_CHARS or pattern.fullmatch(text) is None:
+            raise InvalidRequest(f"'{key}' must be {'an integer' if integer else 'a number'} (ASCII digits), "
+                                 f"got {text[:MAX_TEXT_CHARS]!r}", param=key)
+        value = int(text) if integer else float(text)
+    else:
+        raise InvalidRequest(f"'{key}' must be {'an integer' if integer else 'a number'}", param=key)
+    if not lo <= value <= hi:  # type: ignore[operator]
         raise InvalidRequest(f"'{key}' must be between {lo} and {hi}, got {value}", param=key)
     return value
 
 
+def flag(value: object, key: str) -> bool:
+    """The one boolean reader: JSON ``true`` / ``false``, or header text exactly ``true`` / ``false``.
+
+    ``0``, ``""``, ``[]``, ``{}``, ``"no"`` are refused rather than read as false: a client that sends them
+    means something, and guessing what is how a request silently does the wrong thing."""
+    if value is True or value is False:
+        return value  # type: ignore[return-value]
+    if type(value) is HeaderText:
+        got = _BOOL_TEXT.get(value.strip(" \t"))  # type: ignore[attr-defined]
+        if got is not None:
+            return got
+    raise InvalidRequest(f"'{key}' must be true or false", param=key)
+
+
+def _int(body: Mapping[str, Any], key: str, lo: int, hi: int) -> int | None:
+    value = body.get(key)
+    return None if value is None else number(value, key, lo, hi, integer=True)  # type: ignore[no-any-return]
+
+
 def _float(body: Mapping[str, Any], key: str, lo: float, hi: float) -> float | None:
     value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise InvalidRequest(f"'{key}' must be a number", param=key) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise InvalidRequest(f"'{key}' must be a number", param=key)
-    if not lo <= value <= hi:
-        raise InvalidRequest(f"'{key}' must be between {lo} and {hi}, got {value}", param=key)
-    return float(value)
+    return None if value is None else float(number(value, key, lo, hi, integer=False))
 
 
 def _str(body: Mapping[str, Any], key: str, choices: Sequence[str] | None = None) -> str | None:
@@ -76,7 +115,7 @@ def _str(body: Mapping[str, Any], key: str, choices: Sequence[str] | None = None
         raise InvalidRequest(f"'{key}' must be a string", param=key)
     if choices is not None and value not in choices:
         raise InvalidRequest(f"'{key}' must be one of {', '.join(choices)}, got {value[:40]!r}", param=key)
-    return value
+    return value if type(value) is str else str(value)  # header text leaves as a plain str
 
 
 def parse_size(value: str | None, default: str) -> tuple[int, int]:
@@ -112,7 +151,7 @@ def parse_generation(
         raise InvalidRequest(f"unknown parameter {unknown[0][:60]!r}", param=unknown[0][:60])
     for header, name in HEADER_FIELDS.items():
         if name not in body and header in headers:
-            body[name] = headers[header]
+            body[name] = HeaderText(headers[header])
 
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
@@ -121,7 +160,8 @@ def parse_generation(
         raise InvalidRequest("'prompt' must not be empty", param="prompt")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InvalidRequest(f"'prompt' is longer than {MAX_PROMPT_CHARS} characters", param="prompt")
-    if body.get("stream"):
+    stream = body.get("stream")
+    if stream is not None and flag(stream, "stream"):
         raise InvalidRequest("streaming ('stream': true) is not supported by this gateway yet", param="stream")
 
     width, height = parse_size(_str(body, "size"), default_size)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -31,8 +32,8 @@ from backends.base import Backend
 from gateway.config import Config, load_config
 from gateway.dispatch import Dispatcher
 from gateway.handler import GenerationsHandler
-from gateway.images import ImageStore
-from gateway.logs import get_logger
+from gateway.images import IMAGE_DIR_ENV, open_store
+from gateway.logs import get_logger, set_secrets
 from gateway.metrics import Metrics
 from gateway.stats import StatsBook
 
@@ -53,6 +54,7 @@ class Gateway:
 
     def __init__(self, config: Config, backends: Mapping[str, Backend] | None = None) -> None:
         self.config = config
+        set_secrets(config.secrets)  # logged tracebacks and error fields are scrubbed of them
         self.backends: dict[str, Backend] = dict(backends) if backends is not None else {
             name: registry.create(b.spec) for name, b in config.backends.items()
         }
@@ -60,7 +62,7 @@ class Gateway:
         self.metrics = Metrics(self.backends)
         self.stats = StatsBook(self.backends, config.server.cooldown_failures, config.server.cooldown_s)
         self.dispatcher = Dispatcher(config, self.backends, self.stats, on_attempt=self.metrics.observe_attempt)
-        self.images = ImageStore(config.server.image_ttl_s, config.server.image_store_bytes)
+        self.images = open_store(config.server)
         self.generations = GenerationsHandler(
             dispatcher=self.dispatcher, metrics=self.metrics, images=self.images,
             log=get_logger("imagegate.access"), base_url=self._base_url,
@@ -150,11 +152,20 @@ class Gateway:
                       if (name in r.match.tiers or (tier is not None and not r.match.tiers and not r.match.models))
                       or name in r.match.models]
             backends = list(dict.fromkeys(c.backend for r in routes for c in r.candidates))
+            # Only backends that can ever serve it: the router drops a candidate below the tier's quality
+            # floor (a model named without a tier gets the default tier's).
+            floor_tier = tier or (cfg.tiers.get(cfg.default_tier) if cfg.default_tier else None)
+            floor = floor_tier.quality_floor if floor_tier else 0.0
+            serving = [b for b in backends if cfg.backends[b].quality >= floor]
             entry: dict[str, Any] = {
                 "id": name, "object": "model", "created": 0, "owned_by": "imagegate",
                 "kind": "tier" if tier else "model", "routes": [r.name for r in routes],
-                "backends": [self._describe(b) for b in backends],
+                "backends": [self._describe(b) for b in serving],
             }
+            if not serving:
+                entry["note"] = (f"no backend meets quality_floor {floor}"
+                                 + (f" of tier {floor_tier.name!r}" if floor_tier and not tier else "")
+                                 if backends else "no backend is configured for it")
             if tier:
                 entry.update(quality_floor=tier.quality_floor, latency_budget_s=tier.latency_budget_s,
                              description=tier.description)
@@ -191,13 +202,20 @@ class Gateway:
                                 "code": str(exc.status_code)}}, exc.status_code)
 
     def _base_url(self, scope: dict[str, Any]) -> str:
-        if self.config.server.public_url:
-            return self.config.server.public_url.rstrip("/")
-        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
-        if host is None:
-            server = scope.get("server") or ("127.0.0.1", self.config.server.port)
-            host = f"{server[0]}:{server[1]}"
-        return f"{scope.get('scheme', 'http')}://{host}"
+        """Where image links point: ``server.public_url``, else the address this server is bound to (the
+        socket's own address, so the interface the client reached). Never the request's ``Host`` header:
+        any client can send any Host, and the link would then send the image's reader elsewhere."""
+        public = self.config.server.public_url
+        if public:
+            return public.rstrip("/")
+        server = scope.get("server")
+        if server is None or server[1] is None:  # a Unix socket has no address to give
+            host, port = self.config.server.host, self.config.server.port
+        else:
+            host, port = server
+        if ":" in host:  # IPv6
+            host = f"[{host}]"
+        return f"{scope.get('scheme', 'http')}://{host}:{port}"
 
 
 def create_app(config: Config, backends: Mapping[str, Backend] | None = None) -> Gateway:
@@ -210,4 +228,8 @@ def app_from_env() -> Gateway:
     from gateway.logs import configure
 
     configure()
-    return create_app(load_config(os.environ.get("IMAGEGATE_CONFIG") or None))
+    config = load_config(os.environ.get("IMAGEGATE_CONFIG") or None)
+    shared = os.environ.get(IMAGE_DIR_ENV)
+    if shared and not config.server.image_dir:  # url images go where every worker can read them
+        config = dataclasses.replace(config, server=dataclasses.replace(config.server, image_dir=shared))
+    return create_app(config)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from gateway import __version__
 from gateway.config import Config, ConfigError, load_config
 from gateway.cost import estimate
+from gateway.images import IMAGE_DIR_ENV
 
 
 def _fmt_price(config: Config, name: str) -> str:
@@ -73,27 +76,49 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        print("imagegate: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        local = [name for name, b in config.backends.items() if b.type == "local_sdxl"]
+        if local:
+            # Each worker would load its own copy of the model onto the same device (and run its own queue).
+            print(f"imagegate: --workers {args.workers} cannot be used with a local_sdxl backend "
+                  f"({', '.join(local)}): every worker process would load its own copy of the model onto "
+                  "the same device. Serve it with one worker (the local backend batches requests on its "
+                  "device worker), or run the model in its own server (cog, Triton) behind a remote backend.",
+                  file=sys.stderr)
+            return 2
+
     import uvicorn
 
     from gateway.logs import configure
+    from gateway.server import uvicorn_settings
 
     configure()
-    host = args.host or config.server.host
-    port = args.port or config.server.port
-    # Production settings: uvloop + httptools, no access log (the gateway writes its own line per request).
-    from gateway.server import protocol
-
-    # http=protocol(): uvicorn's httptools protocol, one write per response, clock from request arrival.
-    kwargs = dict(host=host, port=port, loop="auto", http=protocol(), access_log=False, log_level="warning",
-                  timeout_keep_alive=30)
-    if args.workers > 1:
-        os.environ["IMAGEGATE_CONFIG"] = config.source
-        uvicorn.run("gateway.app:app_from_env", factory=True, workers=args.workers, **kwargs)  # type: ignore[arg-type]
-    else:
+    # The production settings (protocol, timeouts, limits): the same function builds the test servers'.
+    kwargs = uvicorn_settings(config, host=args.host, port=args.port)
+    where = f"http://{kwargs['host']}:{kwargs['port']}"
+    if args.workers == 1:
         from gateway.app import create_app
 
-        print(f"imagegate {__version__} serving {config.source} on http://{host}:{port}", file=sys.stderr)
-        uvicorn.run(create_app(config), **kwargs)  # type: ignore[arg-type]
+        print(f"imagegate {__version__} serving {config.source} on {where}", file=sys.stderr)
+        uvicorn.run(create_app(config), **kwargs)
+        return 0
+    # Each worker process builds its own gateway from $IMAGEGATE_CONFIG (gateway.app.app_from_env). url
+    # images go to one directory they all share, so a link from one worker is served by every other.
+    os.environ["IMAGEGATE_CONFIG"] = config.source
+    scratch = None
+    if not config.server.image_dir:
+        scratch = tempfile.mkdtemp(prefix="imagegate-images-")
+        os.environ[IMAGE_DIR_ENV] = scratch
+    print(f"imagegate {__version__} serving {config.source} on {where} with {args.workers} workers",
+          file=sys.stderr)
+    try:
+        uvicorn.run("gateway.app:app_from_env", factory=True, workers=args.workers, **kwargs)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 

@@ -18,8 +18,9 @@ from typing import Any, Literal
 import yaml
 
 from backends.base import EMPTY, BackendSpec, Capabilities, Timeouts
-from backends.registry import BACKEND_TYPES, backend_class
+from backends.registry import BACKEND_TYPES, backend_class, effective_capabilities, route_options
 from backends.settings import SettingsError, build
+from gateway.redact import redact_config
 
 
 class ConfigError(Exception):
@@ -33,7 +34,6 @@ class ConfigError(Exception):
 Strategy = Literal["fallback", "cheapest", "fastest"]
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SIZE = re.compile(r"^[1-9][0-9]{0,4}x[1-9][0-9]{0,4}$")
-_SECRET_KEYS = re.compile(r"(?i)(key|token|secret|password|authorization)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +46,23 @@ class ServerConfig:
     timing_allow_origin: str | None = None  # e.g. "*": lets browser scripts read Server-Timing cross-origin
     log_prompts: bool = False
     access_log: bool = True  # the one JSON line per request
-    public_url: str | None = None  # base of image URLs when response_format=url (default: from Host)
+    # Base of image URLs when response_format=url, e.g. https://images.example.com. Default: the address
+    # the server is bound to — never the request's Host header, which any client can set.
+    public_url: str | None = None
     image_ttl_s: float = 600.0
     image_store_bytes: int = 256 * 1024 * 1024
+    # url images as files in this directory (shared by `serve --workers N`; N > 1 without it uses a
+    # temporary directory). Unset with one worker: kept in memory.
+    image_dir: str | None = None
+    # Slow clients (gateway/server.py): a request's head must arrive within header_timeout_s of the
+    # connection (or of its first byte on a kept-alive one), its body within body_timeout_s of the head —
+    # deadlines, not idle timers — else 408 and the connection is closed; heads over max_header_bytes: 431.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 15.0  # a 1 MiB body needs 70 KB/s; prompts are a few KB
+    max_header_bytes: int = 65_536
+    keep_alive_s: float = 30.0  # an idle kept-alive connection is closed after this
+    limit_concurrency: int | None = 1000  # open connections + running requests per process; more get a 503
+    graceful_shutdown_s: float | None = None  # on shutdown, in-flight requests get this long (default_deadline_s + 5)
     max_retries: int = 1  # extra tries on the same backend, only when no work can have started
     retry_backoff_s: float = 0.25
     max_retry_after_s: float = 30.0
@@ -60,6 +74,16 @@ class ServerConfig:
             raise SettingsError("default_size", f"must look like 1024x1024, got {self.default_size!r}")
         if self.max_body_bytes < 1024:
             raise SettingsError("max_body_bytes", "must be at least 1024")
+        if self.public_url is not None and not re.match(r"https?://[^/?#\s]+(/[^?#\s]*)?$", self.public_url):
+            raise SettingsError("public_url", f"must be an http(s) URL without query, got {self.public_url!r}")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "graceful_shutdown_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise SettingsError(name, "must be above 0")
+        if self.max_header_bytes < 1024:
+            raise SettingsError("max_header_bytes", "must be at least 1024")
+        if self.limit_concurrency is not None and self.limit_concurrency < 1:
+            raise SettingsError("limit_concurrency", "must be at least 1 (or null for no limit)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +131,9 @@ class _BackendEntry:
         for size in self.capabilities.sizes:
             if not _SIZE.match(size):
                 raise SettingsError("capabilities.sizes", f"{size!r} is not WIDTHxHEIGHT")
+        for size in self.capabilities.max_n_per_size:
+            if not _SIZE.match(size):
+                raise SettingsError(f"capabilities.max_n_per_size.{size}", "is not WIDTHxHEIGHT")
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,18 +210,9 @@ class Config:
         return tuple(names)
 
     def redacted(self) -> dict[str, Any]:
-        """The configuration as written, ``${VAR}`` references kept, literal secret-looking values masked."""
-        return _redact(self.raw)
-
-
-def _redact(value: Any, key: str = "") -> Any:
-    if isinstance(value, Mapping):
-        return {k: _redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact(v, key) for v in value]
-    if isinstance(value, str) and _SECRET_KEYS.search(key) and not _ENV.fullmatch(value.strip()):
-        return "[redacted]"
-    return value
+        """The configuration as written, ``${VAR}`` references kept, every credential masked: values from the
+        environment, URL userinfo, header values, secret-looking free-form values (``gateway.redact``)."""
+        return redact_config(self.raw, self.secrets)
 
 
 def _interpolate(value: Any, path: str, secrets: list[str]) -> Any:
@@ -252,12 +270,19 @@ def _parse(doc: Any, source: str) -> Config:
         except ImportError as exc:
             raise SettingsError(f"{path}.type", f"backend type {entry.type!r} cannot be loaded: {exc}") from None
         settings = build(cls.Settings, settings_raw, f"{path}.settings")
+        try:
+            # What these settings can really serve (e.g. only compiled shapes): the router never plans more.
+            capabilities = effective_capabilities(cls, settings, entry.capabilities)
+        except SettingsError as exc:
+            raise SettingsError(f"{path}.{exc.path}" if exc.path else path, exc.reason) from None
+        except ValueError as exc:
+            raise SettingsError(path, str(exc)) from None
         spec = BackendSpec(
             name=str(name),
             type=entry.type,
             settings=settings,
             timeouts=entry.timeouts,
-            capabilities=entry.capabilities,
+            capabilities=capabilities,
             max_concurrency=entry.max_concurrency,
         )
         backends[str(name)] = BackendConfig(
@@ -300,7 +325,7 @@ def _parse(doc: Any, source: str) -> Config:
                 continue
             if cand.backend not in backends:
                 raise SettingsError(f"{path}.candidates[{j}].backend", f"no backend named {cand.backend!r}")
-            kept.append(cand)
+            kept.append(_checked_options(cand, backends[cand.backend], f"{path}.candidates[{j}].options"))
         if not kept:
             raise SettingsError(f"{path}.candidates", "every candidate is disabled")
         routes.append(Route(route.name, tuple(kept), route.match, route.strategy))
@@ -318,6 +343,16 @@ def _parse(doc: Any, source: str) -> Config:
         secrets=tuple(sorted(set(secrets), key=len, reverse=True)),
         raw=doc,
     )
+
+
+def _checked_options(cand: CandidateConfig, backend: BackendConfig, path: str) -> CandidateConfig:
+    """``cand`` with its ``options`` validated against the backend class's ``Options`` and settings, so a
+    typo fails here (naming the key and the allowed values) instead of failing requests later."""
+    try:
+        options = route_options(backend_class(backend.type), backend.spec.settings, cand.options)
+    except SettingsError as exc:
+        raise SettingsError(f"{path}.{exc.path}" if exc.path else path, exc.reason) from None
+    return cand if options is cand.options else CandidateConfig(cand.backend, options)
 
 
 def load_config_text(text: str, source: str = "<string>") -> Config:

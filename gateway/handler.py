@@ -25,14 +25,14 @@ from backends.errors import (
     InternalError,
     InvalidRequest,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
 )
-from backends.imaging import transcode
 from gateway import api
 from gateway.dispatch import Dispatcher, DispatchFailed, Served
 from gateway.images import ImageStore
 from gateway.metrics import Metrics
-from gateway.server import RECEIVED_AT
+from gateway.server import READ_TIMED_OUT, RECEIVED_AT
 from gateway.timing import RequestTiming
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -95,7 +95,8 @@ class GenerationsHandler:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         extensions = scope.get("extensions")
-        timing = RequestTiming(extensions.get(RECEIVED_AT) if extensions else None)
+        received_at = extensions.get(RECEIVED_AT) if extensions else None
+        timing = RequestTiming(received_at)
         server = self.config.server
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         incoming_id = headers.get("x-request-id")
@@ -107,7 +108,12 @@ class GenerationsHandler:
         route: str | None = None
         attempts: tuple[AttemptRecord, ...] = ()
         try:
-            body = await self._read_body(headers, receive, server.max_body_bytes)
+            if received_at is not None:
+                # Under ``GatewayHttpProtocol`` (it stamps the arrival): the protocol enforces the read
+                # deadlines itself, at no cost to a request that arrives whole.
+                body = await self._read_body(headers, receive, server.max_body_bytes)
+            else:
+                body = await self._read_body_within(headers, receive, server)
             parsed = api.parse_generation(
                 body, headers, default_size=server.default_size, request_id=request_id,
                 deadline=time.monotonic() + server.default_deadline_s,
@@ -118,7 +124,10 @@ class GenerationsHandler:
             payload = await self._render(served, request, scope)
             status = 200
         except _Disconnected:
-            error = ClientDisconnected("the client went away before the answer was ready")
+            if extensions and extensions.get(READ_TIMED_OUT):  # the protocol already answered 408
+                error = RequestTimeout(f"request body not received within {server.body_timeout_s:g} s")
+            else:
+                error = ClientDisconnected("the client went away before the answer was ready")
             self._finish(timing, request_id, request, None, error, route, attempts)
             return
         except DispatchFailed as exc:
@@ -158,18 +167,24 @@ class GenerationsHandler:
             raise UnsupportedMediaType(f"Content-Type must be application/json, got {ctype[:60]!r}")
         declared = headers.get("content-length")
         if declared is not None:
-            if not declared.isdigit():
+            # Servers check it before us, but the ASGI contract does not say so: ASCII digits only
+            # ("²".isdigit() is true and int("²") raises), and no int() of a thousand digits.
+            if not (declared.isascii() and declared.isdigit()):
                 raise InvalidRequest("invalid Content-Length")
-            if int(declared) > limit:
+            if len(declared) > 18 or int(declared) > limit:
                 raise PayloadTooLarge(f"request body over the {limit}-byte limit")
         message = await receive()
         body = message.get("body", b"")
+        size = len(body)
+        # Capped by bytes received, whatever the framing: a chunked body (no Content-Length) that arrived
+        # before the app first asked is handed over whole, in this one message.
+        if size > limit:
+            raise PayloadTooLarge(f"request body over the {limit}-byte limit")
         if not message.get("more_body"):
             if message["type"] == "http.disconnect":
                 raise _Disconnected
             return body
         chunks = [body]
-        size = len(body)
         while message.get("more_body"):
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -180,6 +195,14 @@ class GenerationsHandler:
                 raise PayloadTooLarge(f"request body over the {limit}-byte limit")
             chunks.append(chunk)
         return b"".join(chunks)
+
+    async def _read_body_within(self, headers: dict[str, str], receive: Any, server: Any) -> bytes:
+        """``_read_body`` under a server that sets no read deadline (stock uvicorn, other ASGI servers)."""
+        try:
+            async with asyncio.timeout(server.body_timeout_s):
+                return await self._read_body(headers, receive, server.max_body_bytes)
+        except TimeoutError:
+            raise RequestTimeout(f"request body not received within {server.body_timeout_s:g} s") from None
 
     async def _dispatch_watching(
         self, request: ImageRequest, timing: RequestTiming, max_cost: float | None, receive: Any
@@ -203,21 +226,13 @@ class GenerationsHandler:
             watch.stop()
 
     async def _render(self, served: Served, request: ImageRequest, scope: dict[str, Any]) -> bytes:
+        # Only renders: the dispatcher verified (and, where needed, transcoded) every image inside the
+        # attempt, so an unreadable answer already fell through to the next backend.
         images = served.result.images
-        wanted, compression = request.output_format, request.output_compression
-        if any(img.url is None and (img.format != wanted or compression is not None) for img in images):
-            images = tuple(await asyncio.gather(*(self._convert(img, wanted, compression) for img in images)))
         if request.response_format != "url":
             return api.render_images(images, "b64_json", _no_url)
         base = self.base_url(scope)
         return api.render_images(images, "url", lambda img: self._url_for(img, base))
-
-    @staticmethod
-    async def _convert(image: Image, fmt: str, compression: int | None) -> Image:
-        if image.url is not None or (image.format == fmt and compression is None):
-            return image
-        data = await asyncio.to_thread(transcode, image.as_bytes(), fmt, compression)
-        return Image(format=fmt, data=data, revised_prompt=image.revised_prompt)
 
     def _url_for(self, image: Image, base: str) -> str:
         if image.url is not None:

@@ -31,10 +31,22 @@ def free_port() -> int:
 def serve_app(app, *, port: int | None = None, lifespan: str = "auto", timeout: float = 30.0,
               **uvicorn_options) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1 in a thread; yields the base URL ``http://127.0.0.1:PORT``
-    (``https://`` when ``ssl_certfile`` is among the extra uvicorn options)."""
+    (``https://`` when ``ssl_certfile`` is among the extra uvicorn options).
+
+    An imagegate gateway runs as ``imagegate serve`` runs it: ``gateway.server.uvicorn_settings`` (the
+    production protocol, read deadlines, limits); any other app (the fakes of third-party servers) runs
+    under stock uvicorn."""
+    from gateway.app import Gateway
+
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan=lifespan,
-                            access_log=False, timeout_graceful_shutdown=1, **uvicorn_options)
+    options: dict = {"log_level": "warning", "access_log": False}
+    if isinstance(app, Gateway):
+        from gateway.server import uvicorn_settings
+
+        options.update(uvicorn_settings(app.config))
+    options.update(host="127.0.0.1", port=port, lifespan=lifespan, timeout_graceful_shutdown=1)
+    options.update(uvicorn_options)
+    config = uvicorn.Config(app, **options)
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
     thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)

@@ -17,8 +17,8 @@ Protocol (fal's Inference API):
 Modules: ``config`` (the ``settings:`` block and its ``InputMapping``), ``mapping`` (the pure request/response
 translation: ``to_inputs``/``to_input``/``image_size``/``from_output``/``error_for``), ``backend`` (``FalBackend``:
 the HTTP client, queue polling and cancellation). Output images are fetched with ``backends.http.fetch_output``
-from ``allowed_output_hosts`` only, without the ``Authorization`` header (it is set per API request, never on
-the client).
+from ``allowed_output_hosts`` only, through the backend's ``OutputFetcher``: a client of its own that carries no
+credential (the key is set per API request on the API client, never on a client that fetches outputs).
 """
 
 from __future__ import annotations

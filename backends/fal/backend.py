@@ -7,6 +7,7 @@ translation lives in ``backends.fal.mapping``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import httpx
 
 from backends.base import (
     BackendSpec,
+    Capabilities,
     ImageRequest,
     ImageResult,
     Load,
@@ -39,7 +41,7 @@ from backends.fal.mapping import (
     split_counts,
     to_inputs,
 )
-from backends.http import json_body, make_client, send
+from backends.http import OutputFetcher, credentials, json_body, make_client, send
 from backends.remote import (
     Background,
     best_effort,
@@ -62,24 +64,40 @@ class FalBackend:
 
     Settings = FalSettings
 
+    @staticmethod
+    def capabilities_for(settings: FalSettings, declared: Capabilities) -> Capabilities:
+        """A model that takes only preset size names (``image_size: preset``) can serve only those sizes:
+        declare them, so the router skips this backend for any other size instead of asking it."""
+        if settings.input.image_size != "preset":
+            return declared
+        sizes = tuple(f"{w}x{h}" for w, h in settings.input.preset_table().values())
+        if declared.sizes:
+            sizes = tuple(s for s in sizes if s in declared.sizes)
+        return dataclasses.replace(declared, sizes=sizes)
+
     def __init__(self, spec: BackendSpec) -> None:
         self.spec = spec
         self.settings: FalSettings = spec.settings
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.AsyncClient | None = None  # the API only (the key is set per request)
+        self._fetcher: OutputFetcher | None = None  # output URLs: no credential
         self._load = LoadCounter()
         self._cancels = Background()  # shielded remote cancels still in flight
-        self._secrets = (self.settings.key,)
+        s = self.settings
+        self._secrets = credentials(s.key, urls=(s.queue_base_url, s.run_base_url))
         owner, alias = self.settings.app.split("/")[:2]
         self._requests_base = f"{self.settings.queue_base_url.rstrip('/')}/{owner}/{alias}/requests"
 
     async def start(self) -> None:
         self._client = make_client(self.spec)
+        self._fetcher = OutputFetcher(self.spec)
 
     async def aclose(self) -> None:
         await self._cancels.drain(self.settings.cancel_timeout)
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        client, fetcher, self._client, self._fetcher = self._client, self._fetcher, None, None
+        if client is not None:
+            await client.aclose()
+        if fetcher is not None:
+            await fetcher.aclose()
 
     def ready(self) -> bool:
         return self._client is not None
@@ -99,7 +117,9 @@ class FalBackend:
             refs = [ref for call, n in zip(calls, counts) for ref in call.output.images[:n]]
             if len(refs) < request.n:
                 raise BackendProtocolError(f"{self.spec.name}: asked for {request.n} images, got {len(refs)}")
-            images = await fetch_images(self._client, [r.url for r in refs], clock, backend=self.spec.name,
+            if self._fetcher is None:
+                raise BackendUnavailable(f"{self.spec.name}: not started")
+            images = await fetch_images(self._fetcher, [r.url for r in refs], clock, backend=self.spec.name,
                                         allowed_hosts=s.allowed_output_hosts, max_bytes=s.max_output_bytes,
                                         timeout=s.output_timeout)
         predict = [c.predict_s for c in calls if c.predict_s is not None]

@@ -21,7 +21,6 @@ from backends.errors import (
     BackendProtocolError,
     BackendRejected,
     BackendTimeout,
-    InvalidRequest,
     scrub,
 )
 from backends.fal.config import InputMapping
@@ -48,7 +47,8 @@ def image_size(width: int, height: int, mapping: InputMapping) -> str | dict[str
             return name
     if mapping.image_size == "preset":
         known = ", ".join(f"{w}x{h}" for w, h in table.values())
-        raise InvalidRequest(f"size {width}x{height} is not one of this model's sizes ({known})", param="size")
+        # The router never plans this (capabilities_for declares the preset sizes): a backend fault, not the caller's.
+        raise BackendFailed(f"size {width}x{height} is not one of this model's sizes ({known})")
     return dims
 
 

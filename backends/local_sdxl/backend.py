@@ -8,14 +8,27 @@ warms and runs everything. Importing this module does not import torch (``imageg
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
+from types import MappingProxyType
 
 import structlog
 
-from backends.base import OUTPUT_FORMATS, BackendSpec, ImageRequest, ImageResult, Load, LoadCounter, StageClock, Usage
-from backends.errors import BackendUnavailable, InvalidRequest
+from backends.base import (
+    OUTPUT_FORMATS,
+    BackendSpec,
+    Capabilities,
+    ImageRequest,
+    ImageResult,
+    Load,
+    LoadCounter,
+    StageClock,
+    Usage,
+)
+from backends.errors import BackendFailed, BackendUnavailable
+from backends.settings import SettingsError
 
-from .settings import Resolved, Settings
+from .settings import Options, Resolved, Settings, available_decoders
 from .worker import Job, JobResult, Worker
 
 log = structlog.get_logger("imagegate.local_sdxl")
@@ -36,6 +49,36 @@ class LocalSDXLBackend:
     """One SDXL pipeline on one device. For several GPUs, configure one backend per ``device``."""
 
     Settings = Settings
+    Options = Options
+
+    # -- config-time hooks (see backends.base): routing decisions belong to the router ---------------
+
+    @staticmethod
+    def check_options(settings: Settings, options: Options) -> None:
+        available = available_decoders(settings)
+        if options.decoder is not None and options.decoder not in available:
+            raise SettingsError("decoder", f"decoder {options.decoder!r} is not available with these settings "
+                                           f"(available: {', '.join(available)})")
+
+    @staticmethod
+    def capabilities_for(settings: Settings, declared: Capabilities) -> Capabilities:
+        """With ``unlisted_shape: refuse`` only the listed shapes can be served: their sizes, and per size
+        at most its largest listed batch (within what routes.yaml declared)."""
+        if settings.unlisted_shape != "refuse":
+            return declared
+        largest: dict[str, int] = {}
+        for shape in settings.listed_shapes:
+            size = f"{shape.width}x{shape.height}"
+            largest[size] = max(largest.get(size, 0), shape.batch)
+        served = {}
+        for size, batch in largest.items():
+            width, height = (int(side) for side in size.split("x"))
+            if declared.refusal(ImageRequest(prompt="", width=width, height=height)) is None:
+                served[size] = min(batch, declared.max_n_per_size.get(size, declared.max_n))
+        if not served:
+            raise SettingsError("settings.shapes", f"unlisted_shape is refuse and no listed shape "
+                                                   f"({', '.join(largest)}) is within the declared capabilities")
+        return dataclasses.replace(declared, sizes=tuple(served), max_n_per_size=MappingProxyType(served))
 
     def __init__(self, spec: BackendSpec) -> None:
         self.spec = spec
@@ -92,22 +135,25 @@ class LocalSDXLBackend:
     # -- requests ---------------------------------------------------------------------------------------
 
     def make_job(self, request: ImageRequest, loop: asyncio.AbstractEventLoop) -> Job:
-        """Validate ``request`` against this backend's settings and turn it into a queued job."""
+        """Turn a planned ``request`` into a queued job.
+
+        The router only plans what the capabilities and the config-checked route options allow, so the
+        checks here are defensive: one that trips is this backend's failure (``BackendFailed``, the next
+        candidate is tried), never the caller's."""
         settings, resolved = self.settings, self.resolved
         assert resolved is not None and self.worker is not None
-        decoder = request.options.get("decoder", settings.default_decoder)
+        decoder = request.options.get("decoder") or settings.default_decoder
         decoders = self.worker.pipeline.decoders
         if decoder not in decoders:
-            raise InvalidRequest(f"{self.spec.name}: decoder {decoder!r} is not available "
-                                 f"(available: {', '.join(decoders)})", param="decoder")
+            raise BackendFailed(f"{self.spec.name}: decoder {decoder!r} is not loaded "
+                                f"(loaded: {', '.join(decoders)})")
         if request.output_format not in OUTPUT_FORMATS:
-            raise InvalidRequest(f"output_format {request.output_format!r} is not supported", param="output_format")
+            raise BackendFailed(f"{self.spec.name}: cannot encode output_format {request.output_format!r}")
         eager = resolved.padded_batch(request.width, request.height, request.n) is None
         if eager and settings.unlisted_shape == "refuse":
-            raise InvalidRequest(
+            raise BackendFailed(
                 f"{self.spec.name}: {request.size} with n={request.n} is not one of the compiled shapes "
-                f"({resolved.describe_shapes()}, as WIDTHxHEIGHTxBATCH); this backend refuses other shapes",
-                param="size")
+                f"({resolved.describe_shapes()}, as WIDTHxHEIGHTxBATCH) and unlisted_shape is refuse")
         if eager:
             log.warning("local_sdxl.unlisted_shape", backend=self.spec.name, size=request.size, n=request.n,
                         note="running uncompiled")

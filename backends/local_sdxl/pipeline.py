@@ -29,7 +29,7 @@ import torch
 from .cudagraph import CapturedLoop, capture_loop
 from .scheduler import DPMSolver2MKarras
 from .settings import Resolved, Settings
-from .support import EmbeddingCache, StageTimer, to_device, to_uint8
+from .support import EmbeddingCache, StageTimer, resolve_device, to_device, to_uint8
 
 log = structlog.get_logger("imagegate.local_sdxl")
 
@@ -331,47 +331,48 @@ class SDXLPipeline:
         return Batch(width, height, steps, decoder, (("warm-up", None),), (0,), (self.settings.default_guidance,),
                      padded)
 
-    def capture(self, width: int, height: int, padded: int, steps: int) -> None:
-        """Capture the denoising loop of one shape as a CUDA graph (compiled UNet already warm)."""
-        warm = self._warm_batch(width, height, padded, steps, "full")
-        embeds, pooled = self.embeddings(warm)
-        self.graphs[warm.key] = capture_loop(
-            lambda *a: self.denoise(self.unet_fast, self.plan(steps), *a),
-            noise=self.initial_noise(warm), embeds=embeds, pooled=pooled,
-            time_ids=self.time_ids(width, height, padded), guidance=self.guidance(warm))
+    def loop_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """What the denoising loop takes for ``batch`` — ``(noise, embeds, pooled, time_ids, guidance)`` — made
+        as ``run`` makes them. With :meth:`denoise`, :meth:`capture` and :meth:`sync_checked` this is the seam
+        the GPU check (``benchmarks/gpu_sync_check.py``) drives the real loop through."""
+        embeds, pooled = self.embeddings(batch)
+        return (self.initial_noise(batch), embeds, pooled, self.time_ids(batch.width, batch.height, batch.padded),
+                self.guidance(batch))
 
-    def check_sync_free(self, width: int, height: int, padded: int, steps: int) -> str | None:
-        """Run the (uncaptured) loop under ``torch.cuda.set_sync_debug_mode("error")``; returns None when
-        no host-device synchronization happened, else the error. CUDA only."""
-        warm = Batch(width, height, steps, "full", (("sync check", None),), (1,), (5.0,), padded)
-        embeds, pooled = self.embeddings(warm)
-        args = (self.initial_noise(warm), embeds, pooled, self.time_ids(width, height, padded), self.guidance(warm))
-        plan = self.plan(steps)
-        torch.cuda.synchronize()
+    def capture(self, width: int, height: int, padded: int, steps: int) -> CapturedLoop:
+        """Capture the denoising loop of one shape as a CUDA graph (compiled UNet already warm); ``run``
+        replays it for that shape from now on. Returns it."""
+        warm = self._warm_batch(width, height, padded, steps, "full")
+        noise, embeds, pooled, time_ids, guidance = self.loop_inputs(warm)
+        graph = self.graphs[warm.key] = capture_loop(
+            lambda *a: self.denoise(self.unet_fast, self.plan(steps), *a),
+            noise=noise, embeds=embeds, pooled=pooled, time_ids=time_ids, guidance=guidance)
+        return graph
+
+    def sync_checked(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` under ``torch.cuda.set_sync_debug_mode("error")``: a host-device synchronization inside it
+        raises ``RuntimeError``. On CPU there is nothing to synchronize with: just ``fn()``."""
+        if not self.cuda:
+            return fn()
+        torch.cuda.synchronize(self.device)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            self.denoise(self.unet_fast, plan, *args)
-        except RuntimeError as exc:
-            return str(exc)
+            return fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize()
+
+    def check_sync_free(self, width: int, height: int, padded: int, steps: int) -> str | None:
+        """Run the (uncaptured) loop of one shape under :meth:`sync_checked`; returns None when no host-device
+        synchronization happened, else the error."""
+        inputs = self.loop_inputs(Batch(width, height, steps, "full", (("sync check", None),), (1,), (5.0,), padded))
+        plan = self.plan(steps)
+        try:
+            self.sync_checked(lambda: self.denoise(self.unet_fast, plan, *inputs))
+        except RuntimeError as exc:
+            return str(exc)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
         return None
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when available, else cpu. CUDA devices get an explicit index."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available (torch {torch.__version__})")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        elif device.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA devices exist")
-    return device
 
 
 def build_pipeline(settings: Settings) -> SDXLPipeline:

@@ -16,19 +16,19 @@ This is the only module of the backend that imports diffusers/transformers; it d
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .scheduler import SDXL_SCHEDULER_CONFIG
+from .support import BuildMode
 from .tokenizer import EOS, make_clip_tokenizer
 from .verify import LoadError, verify_components
 
@@ -163,16 +163,6 @@ def import_model_classes() -> None:
 
 
 # --- building ---------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def _build_random(
     configs: dict[str, dict[str, Any]], *, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
     seed: int, build_on_device: bool,
@@ -181,6 +171,11 @@ def _build_random(
 
     ``build_on_device``: allocate and initialise directly on ``device`` in the final dtype (no fp32 host copy
     of 2.6 B parameters). Otherwise build in fp32 on the CPU (bit-reproducible everywhere) and move.
+
+    Thread-safe: no process-global torch state is read for the weights or changed (no ``manual_seed``,
+    ``set_default_dtype`` or ``torch.device`` context): :class:`BuildMode` hands each construction its own
+    seeded generators, dtype and device, in this thread only. Weights are bit-identical to those of the
+    global-seed build this replaced.
     """
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -194,21 +189,15 @@ def _build_random(
     ]
     built: dict[str, Any] = {}
     for k, (name, make, want) in enumerate(makers):
-        # Each component has its own seed (and the caller's global RNG is left alone), so adding or
-        # changing one component does not change the others' weights.
-        fork_devices = []
-        if device.type == "cuda":
-            fork_devices = [device.index if device.index is not None else torch.cuda.current_device()]
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(seed * 1000 + k)
-            if build_on_device:
-                with torch.device(device), _default_dtype(want):
-                    model = make()
-            else:
-                with torch.device("cpu"), _default_dtype(torch.float32):
-                    model = make()
-                # nn.Module.to, not ModelMixin.to: the latter logs a keep-in-fp32 notice on every dtype cast.
-                model = torch.nn.Module.to(model, device=device, dtype=want)
+        # Each component has its own seed, so adding or changing one does not change the others' weights.
+        if build_on_device:
+            with BuildMode(seed * 1000 + k, device, want):
+                model = make()
+        else:
+            with BuildMode(seed * 1000 + k, torch.device("cpu"), torch.float32):
+                model = make()
+            # nn.Module.to, not ModelMixin.to: the latter logs a keep-in-fp32 notice on every dtype cast.
+            model = torch.nn.Module.to(model, device=device, dtype=want)
         built[name] = model.eval().requires_grad_(False)
     return built
 

@@ -79,7 +79,8 @@ class Settings:
     # at most a listed batch runs padded to that batch. Empty = one shape: 1024x1024 batch 1.
     shapes: tuple[Shape, ...] = ()
     # A request outside ``shapes``: "eager" runs it uncompiled and uncaptured (slower, never a silent
-    # multi-second recompile); "refuse" rejects it with a 400 naming the listed shapes.
+    # multi-second recompile); "refuse" serves only the listed shapes: the backend's capabilities become
+    # the listed sizes with, per size, its largest batch, so the router sends anything else elsewhere.
     unlisted_shape: Literal["eager", "refuse"] = "eager"
     default_steps: int = 24
     default_guidance: float = 5.0
@@ -91,7 +92,8 @@ class Settings:
     # How long the worker holds a lone request hoping for batch partners. Under load the queue fills
     # while the device is busy, so batches form without waiting; keep this small.
     max_wait_ms: float = 5.0
-    # Queued requests beyond this are refused with 503 (BackendOverloaded) so the router can spill over.
+    # Queued requests beyond this are refused (BackendQueueFull): the dispatcher tries the next candidate
+    # at once, and answers 503 with Retry-After only when every candidate is full.
     queue_size: int = 64
     # LRU cache of prompt embeddings keyed by (prompt, negative prompt).
     embed_cache_size: int = 256
@@ -144,6 +146,21 @@ class Settings:
             shapes=listed,
             max_batch=max_batch,
         )
+
+
+def available_decoders(settings: Settings) -> tuple[str, ...]:
+    """Decoders a backend with these settings will have. The loader always provides a TAESD: the
+    preset's own (random weights) or ``taesd`` / madebyollin/taesdxl next to ``model``."""
+    return ("full", "taesd")
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """``routes[].candidates[].options`` of a local_sdxl candidate, checked at config load."""
+
+    # The decoder for this route: "taesd" (tiny autoencoder, for previews) or "full" (the SDXL VAE).
+    # Unset: the backend's ``default_decoder``.
+    decoder: Literal["full", "taesd"] | None = None
 
 
 @dataclass(frozen=True, slots=True)

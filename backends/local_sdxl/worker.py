@@ -30,7 +30,7 @@ import structlog
 
 from backends import imaging
 from backends.base import Image
-from backends.errors import BackendFailed, BackendOverloaded, BackendTimeout, BackendUnavailable, ImagegateError, scrub
+from backends.errors import BackendFailed, BackendQueueFull, BackendTimeout, BackendUnavailable, ImagegateError, scrub
 
 log = structlog.get_logger("imagegate.local_sdxl")
 
@@ -122,8 +122,10 @@ class Worker:
             if self._stopping or self.broken:
                 raise BackendUnavailable(f"{self.name}: {self.broken or 'shutting down'}")
             if len(self._pending) >= self.queue_size:
-                raise BackendOverloaded(f"{self.name}: {len(self._pending)} requests queued",
-                                        retry_after=self._estimate_locked())
+                # Full: the router's next candidate should take it now (not wait here); the estimate is
+                # only for the client's Retry-After if every candidate is full.
+                raise BackendQueueFull(f"{self.name}: queue full ({len(self._pending)} requests queued)",
+                                       retry_after=self._estimate_locked())
             self._pending.append(job)
             self._cond.notify()
 
@@ -145,6 +147,10 @@ class Worker:
         return wait
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new work, fail the queued jobs, give the running batch ``timeout`` seconds to finish.
+
+        Every waiter gets an answer: a batch still on the device after ``timeout`` is answered with
+        ``BackendUnavailable`` (shutting down) now, and whatever it produces later is dropped."""
         with self._cond:
             self._stopping = True
             pending, self._pending = list(self._pending), deque()
@@ -153,6 +159,11 @@ class Worker:
             self._resolve(job, error=BackendUnavailable(f"{self.name}: shutting down"))
         if self._thread.is_alive():
             self._thread.join(timeout)
+        with self._cond:
+            abandoned = list(self._running)
+        for job in abandoned:
+            self._resolve(job, error=BackendUnavailable(
+                f"{self.name}: shutting down; the running batch did not finish within {timeout:g}s"))
         self._encoders.shutdown(wait=True)
 
     # -- worker thread ----------------------------------------------------------------------------------
@@ -191,7 +202,9 @@ class Worker:
                     self._cond.wait()
                     continue
                 first = self._pending[0]
-                wait_until = time.monotonic() + self.max_wait_s
+                # The batching window runs from the job's arrival, not from now: a job that already
+                # waited behind a busy device has had its chance to find partners.
+                wait_until = first.enqueued + self.max_wait_s
                 chosen, full = self._collect_locked(first)
                 while not full and not self._stopping and (left := wait_until - time.monotonic()) > 0:
                     self._cond.wait(left)
@@ -209,7 +222,8 @@ class Worker:
                     return chosen
 
     def _collect_locked(self, first: Job) -> tuple[list[Job], bool]:
-        """``first`` plus queued jobs with its key, in order, while the images fit one run."""
+        """``first`` plus queued jobs with its key, in order, while the images fit one run; and whether
+        the run is full (no further image could join it, so waiting for partners is pointless)."""
         limit = max(self.max_batch, first.n)
         chosen, total = [first], first.n
         for job in list(self._pending)[1:]:
@@ -219,7 +233,9 @@ class Worker:
                 continue
             chosen.append(job)
             total += job.n
-        return chosen, total >= limit
+        # A compiled run is also full when no listed batch of its size holds one more image.
+        full = total >= limit or (not first.eager and self.padded_batch(first.width, first.height, total + 1) is None)
+        return chosen, full
 
     def _drop_dead_locked(self) -> None:
         now = time.monotonic()
@@ -263,7 +279,10 @@ class Worker:
             arrays = out.images[offset: offset + job.n]
             offset += job.n
             stages = {"queue": start - job.enqueued, **out.stages}
-            self._encoders.submit(self._finish, job, arrays, stages, out.device_seconds * job.n / total, total)
+            try:
+                self._encoders.submit(self._finish, job, arrays, stages, out.device_seconds * job.n / total, total)
+            except RuntimeError:  # stop() timed out and shut the encoder pool: the job was answered there
+                self._resolve(job, error=BackendUnavailable(f"{self.name}: shutting down"))
 
     def _finish(self, job: Job, arrays: list[Any], stages: dict[str, float], gpu_s: float, total: int) -> None:
         """Encode on the encoder pool, then hand the result to the event loop."""

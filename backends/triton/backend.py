@@ -26,8 +26,8 @@ from backends.base import (
     StageClock,
     Usage,
 )
-from backends.errors import BackendProtocolError, BackendUnavailable
-from backends.http import make_client, raise_for_status, send
+from backends.errors import BackendProtocolError, BackendQueueFull, BackendUnavailable
+from backends.http import credentials, error_detail, make_client, raise_for_status, send
 from backends.remote import fan_out, stop_task
 from backends.triton.codec import (
     CodecError,
@@ -87,7 +87,7 @@ class TritonBackend:
         self._poller: asyncio.Task[None] | None = None
         self._load = LoadCounter()
         s = self.settings
-        self._secrets = tuple(v for v in (s.api_key, *s.headers.values()) if v)
+        self._secrets = credentials(s.api_key, headers=s.headers, urls=(s.base_url,))
         self._infer_path = infer_path(s)
         self._ready_path = ready_path(s)
 
@@ -169,6 +169,10 @@ class TritonBackend:
             raise
         # Triton: 400 bad input, 404 unknown model, 500 model exception / unparseable request,
         # 503 queue full (no Retry-After). MLServer: 422 for a body it cannot validate.
+        if response.status_code == 503:
+            # This server's queue is full (or it is not serving yet): it asked for no wait, and waiting here
+            # would only queue us behind it, so the request moves to the next candidate now.
+            raise BackendQueueFull(f"{self.spec.name}: HTTP 503: {error_detail(response, self._secrets)}")
         raise_for_status(response, backend=self.spec.name, secrets=self._secrets)
         try:
             return await asyncio.to_thread(

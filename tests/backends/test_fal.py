@@ -18,7 +18,6 @@ from backends.errors import (
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,
-    InvalidRequest,
     OutputFetchError,
     OutputNotAllowed,
 )
@@ -54,13 +53,37 @@ def test_image_size_presets(name: str, width: int, height: int) -> None:
 
 def test_image_size_other_sizes() -> None:
     assert image_size(832, 1216, InputMapping()) == {"width": 832, "height": 1216}
-    with pytest.raises(InvalidRequest, match="832x1216 is not one of"):
+    with pytest.raises(BackendFailed, match="832x1216 is not one of"):
         image_size(832, 1216, InputMapping(image_size="preset"))
     # A model family with its own preset table (e.g. recraft's 4:3 is 1365x1024).
     custom = InputMapping(image_size="preset", presets={"landscape_4_3": "1365x1024", "square_hd": "1024x1024"})
     assert image_size(1365, 1024, custom) == "landscape_4_3"
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(BackendFailed):
         image_size(1024, 768, custom)
+
+
+def test_preset_only_models_declare_their_sizes_to_the_router(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``image_size: preset`` narrows the backend's capabilities at config load, so the router skips it for
+    other sizes (a caller error from a planned request would never fall back)."""
+    from gateway.config import load_config_text
+    from gateway.router import plan
+
+    monkeypatch.setenv("FAL_TEST_KEY", "fal-test-key-123")
+    config = load_config_text(
+        """
+backends:
+  fal: {type: fal, settings: {key: "${FAL_TEST_KEY}", app: fal-ai/x, input: {image_size: preset}}}
+  other: {type: openai, settings: {base_url: "http://127.0.0.1:9/v1"}}
+routes:
+  - {name: all, candidates: [{backend: fal}, {backend: other}]}
+"""
+    )
+    assert "1024x1024" in config.backends["fal"].capabilities.sizes
+    assert [c.backend for c in plan(ImageRequest(prompt="x", width=1024, height=1024), config).candidates] \
+        == ["fal", "other"]
+    odd = plan(ImageRequest(prompt="x", width=832, height=1216), config)
+    assert [c.backend for c in odd.candidates] == ["other"]
+    assert dict(odd.skipped)["fal"].startswith("size 832x1216 not in")
 
 
 def test_to_input_full_mapping() -> None:
@@ -409,27 +432,18 @@ async def test_deadline_in_queue_cancels_and_times_out(fake: FalFake) -> None:
 
 
 async def test_parallel_call_failure_cancels_the_sibling(fake: FalFake) -> None:
-    # First submit is rate limited; the other call, already queued, must be cancelled remotely.
-    fake.reset(fail_submit=[], progress_polls=10**6)
+    # Two calls, both queued; then the second one's status polls fail for good (a 500 is not a blip): the
+    # first, still queued, must be cancelled remotely before the failure reaches the caller.
+    fake.reset(progress_polls=10**6, fail_last_job=(2, Failure(500, {"detail": "runner crashed"})))
     backend = await started(fake, input={"max_images_per_call": 1})
-    original = backend._follow
-    calls = 0
-
-    async def flaky_follow(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            await asyncio.sleep(0.05)
-            raise BackendFailed("falfake: simulated failure of one call")
-        return await original(*args, **kwargs)
-
-    backend._follow = flaky_follow  # type: ignore[method-assign]
     try:
-        with pytest.raises(BackendFailed, match="simulated"):
+        with pytest.raises(BackendFailed, match="runner crashed"):
             await backend.generate(req(n=2), StageClock())
     finally:
         await backend.aclose()
-    assert len(fake.jobs) == 2 and len(fake.cancelled) == 1
+    sibling, failed = fake.jobs.values()  # in submit order
+    assert sibling.id in fake.cancelled  # cancelled because the other call failed
+    assert set(fake.cancelled) == {sibling.id, failed.id}  # and the failed one, which we gave up on
 
 
 async def test_sync_cancellation_drops_the_connection(fake: FalFake) -> None:

@@ -28,7 +28,7 @@ import pytest
 from PIL import Image as PILImage
 
 from backends.base import BackendSpec, ImageRequest, StageClock, Timeouts
-from backends.errors import BackendFailed, BackendOverloaded, BackendRejected
+from backends.errors import BackendFailed, BackendQueueFull, BackendRejected
 from backends.settings import build
 from backends.triton import Settings, TritonBackend, decode_response, encode_request
 from tests.fakes.triton_models.image_model import FAIL_PROMPT, render
@@ -190,7 +190,7 @@ async def test_triton_queue_full_is_overload(triton_url):
         )
     finally:
         await backend.aclose()
-    overloaded = [o for o in outcomes if isinstance(o, BackendOverloaded)]
+    overloaded = [o for o in outcomes if isinstance(o, BackendQueueFull)]
     succeeded = [o for o in outcomes if not isinstance(o, BaseException)]
     assert len(overloaded) + len(succeeded) == 5, outcomes
     assert overloaded and succeeded

@@ -36,6 +36,35 @@ def test_dry_run_runs_both_steps_and_writes_results(tmp_path):
     assert set(result["tuned"]["images_per_s"]) == {"1", "2"}
 
 
+def test_sync_check_drives_the_backends_own_loop(monkeypatch, capsys):
+    """The dry run exercises SDXLPipeline itself — built by build_pipeline, the loop run by its denoise through
+    sync_checked and check_sync_free — with the real tiny UNet, not a copy of the loop."""
+    from backends.local_sdxl import pipeline as pipeline_module
+
+    calls: dict[str, list] = {"build_pipeline": [], "denoise": [], "sync_checked": [], "check_sync_free": [],
+                              "loop_inputs": []}
+
+    def spy(name, real):
+        def wrapper(*args, **kwargs):
+            calls[name].append(args)
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in ("denoise", "sync_checked", "check_sync_free", "loop_inputs"):
+        monkeypatch.setattr(pipeline_module.SDXLPipeline, name, spy(name, getattr(pipeline_module.SDXLPipeline, name)))
+    monkeypatch.setattr(pipeline_module, "build_pipeline", spy("build_pipeline", pipeline_module.build_pipeline))
+    spec = importlib.util.spec_from_file_location("gpu_sync_check", ROOT / "benchmarks" / "gpu_sync_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert check.main(["--dry-run", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS gpu_sync_check" in out and "FAIL" not in out
+    assert all(calls.values()), {k: len(v) for k, v in calls.items()}
+    unets = {type(args[1]).__name__ for args in calls["denoise"]}
+    assert "UNet2DConditionModel" in unets  # the real tiny UNet went through the real loop
+    assert len(calls["sync_checked"]) >= 2  # the fake-UNet loop and the tiny-UNet loop
+
+
 def test_a_failing_tuning_is_retried_without_it(monkeypatch, capsys):
     bench = load_bench_module()
     b = bench.Bench(bench.argparse.Namespace(device="cpu", budget_s=60.0))

@@ -18,6 +18,7 @@ What happens after a cancel (status COMPLETED with ``error_type: request_cancell
 fal's docs only say a queued request is removed and a running one gets a cancellation signal.
 
 Failures on demand: set ``fake.scenario`` (see ``Scenario``; ``fake.reset(...)`` between tests).
+Output files are served from ``/files/...`` on the queue app, or from ``output_base`` (another host).
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ class Scenario:
     queue_url_base: str | None = None  # put status/response/cancel URLs on another origin
     run_delay: float = 0.0  # sync mode: seconds before answering (a client disconnect is noticed)
     inference_time: float = 0.05
+    # (count, failure): once ``count`` jobs were submitted and every one but the last has been polled, the
+    # status polls of the last one answer ``failure`` (one call of several fails while its siblings run).
+    fail_last_job: tuple[int, Failure] | None = None
 
 
 @dataclass
@@ -278,6 +282,11 @@ class FalFake:
             return JSONResponse({"detail": "Request not found"}, 404)
         if self.scenario.fail_status:
             return _error(self.scenario.fail_status.pop(0), job.id)
+        if self.scenario.fail_last_job is not None:
+            count, failure = self.scenario.fail_last_job
+            jobs = list(self.jobs.values())
+            if len(jobs) >= count and job is jobs[-1] and all(j.polls for j in jobs[:-1]):
+                return _error(failure, job.id)
         job.polls += 1
         state = self._state(job)
         with_logs = request.query_params.get("logs") in ("1", "true", "True")

@@ -2,8 +2,9 @@
 
 Behaviour per request is taken from ``script`` (a list consumed front to back; empty = "ok"):
 ``ok``, ``status:<code>`` (with an OpenAI error body), ``retry-after:<s>`` (429 with Retry-After),
-``hang:<s>`` (sleep before answering), ``badjson``, ``url`` (answer with an image URL on this server).
-Requests are recorded in ``seen``.
+``hang:<s>`` (sleep before answering), ``badjson``, ``url`` (answer with an image URL on this server),
+``url:<URL>`` (answer with that URL, e.g. on a fake output host or a metadata address).
+Requests are recorded in ``seen``, their headers in ``headers_seen``.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class OpenAIStub:
             await self._send(send, 200, b'{"data": [ {"b64_json": "abc"')
         elif kind == "url":
             host = dict(scope["headers"]).get(b"host", b"127.0.0.1").decode()
-            payload = orjson.dumps({"created": 1, "data": [{"url": f"http://{host}/files/x.png"}] * n})
+            url = arg or f"http://{host}/files/x.png"
+            payload = orjson.dumps({"created": 1, "data": [{"url": url}] * n})
             await self._send(send, 200, payload)
         else:
             raise ValueError(f"unknown stub action {action!r}")

@@ -185,6 +185,10 @@ class Scenario:
     poll_errors: int = 0
     # The prediction's ``urls`` name another host (localhost) than the one the client called.
     foreign_urls: bool = False
+    # Put the output URLs on this origin (e.g. a fake output host) instead of the fake's own /delivery.
+    output_base: str | None = None
+    # The create is not answered until this is set (the prediction is made, and runs, meanwhile).
+    hold_create: threading.Event | None = None
 
 
 @dataclass
@@ -400,6 +404,10 @@ class FakeReplicate:
             while time.monotonic() < end and self._status(pred) not in ("succeeded", "failed", "canceled",
                                                                          "aborted"):
                 await asyncio.sleep(0.01)
+        if scenario.hold_create is not None:
+            end = time.monotonic() + 60  # a test that forgets to release it still ends
+            while not scenario.hold_create.is_set() and time.monotonic() < end:
+                await asyncio.sleep(0.01)
         if scenario.break_create:
             return _broken(scenario.break_create, 201)
         return JSONResponse(self.view(pred, request), status_code=201)
@@ -479,6 +487,7 @@ class FakeReplicate:
                 urls.append(f"data:{FORMATS[fmt][1]};base64,{base64.b64encode(data).decode()}")
         else:
             base = api_base.replace("127.0.0.1", "localhost") if s.output == "foreign" else api_base
+            base = s.output_base or base
             urls = [f"{base}/delivery/{path}" for path in pred.files]
         return urls[0] if pred.model.single_output else urls
 

@@ -103,3 +103,79 @@ def test_render_passes_base64_text_through():
     body = orjson.loads(api.render_images([Image(data=b"\x89PNG", revised_prompt="r")], "url",
                                           lambda i: "http://h/x.png", created=5))
     assert body["data"] == [{"url": "http://h/x.png", "revised_prompt": "r"}]
+
+
+# -- strict numbers and booleans (issue 8, items 3 and 18) -------------------------------------------------
+
+HEADER_NUMBERS_REFUSED = ["--5", "²", "٣", "４", "1_0", "0x10", "5e", "", " ", "\xa07", "7\xa0", "+-7", "9" * 5000]
+
+
+@pytest.mark.parametrize("text", HEADER_NUMBERS_REFUSED + ["7.0", "1e3", "nan", "inf"])
+def test_integer_headers_accept_only_ascii_digits(text):
+    with pytest.raises(InvalidRequest) as err:
+        parse({"prompt": "x"}, {"x-imagegate-seed": text})
+    assert err.value.param == "seed" and err.value.status == 400
+
+
+@pytest.mark.parametrize("text", HEADER_NUMBERS_REFUSED + ["nan", "NaN", "inf", "-inf", "Infinity", "1e400",
+                                                          "-1e400", "1" * 400, "4,5"])
+def test_number_headers_accept_only_ascii_decimal_text(text):
+    with pytest.raises(InvalidRequest) as err:
+        parse({"prompt": "x"}, {"x-imagegate-guidance-scale": text})
+    assert err.value.param == "guidance_scale"
+
+
+@pytest.mark.parametrize(("text", "seed"), [("7", 7), (" 7\t", 7), ("+7", 7), ("0", 0),
+                                           ("9223372036854775807", 2**63 - 1)])
+def test_integer_headers_in_strict_form_are_read(text, seed):
+    assert parse({"prompt": "x"}, {"x-imagegate-seed": text}).request.seed == seed
+
+
+@pytest.mark.parametrize(("text", "value"), [("4.5", 4.5), (".5", 0.5), ("5.", 5.0), ("1e1", 10.0), ("-0", 0.0)])
+def test_number_headers_in_strict_form_are_read(text, value):
+    assert parse({"prompt": "x"}, {"x-imagegate-guidance-scale": text}).request.guidance_scale == value
+
+
+@pytest.mark.parametrize("body", [
+    {"seed": "--5"}, {"seed": "²"}, {"steps": "٣"}, {"seed": "42"}, {"n": "2"}, {"n": 2.0}, {"steps": 1e300},
+    {"guidance_scale": "4.5"}, {"max_cost_usd": "1"}, {"output_compression": "50"}, {"n": False},
+])
+def test_body_numbers_must_be_json_numbers(body):
+    """Text is read as a number only from headers; in JSON a number is a JSON number (as in OpenAI's API)."""
+    with pytest.raises(InvalidRequest) as err:
+        parse({"prompt": "x", **body})
+    assert err.value.param == next(iter(body))
+
+
+@pytest.mark.parametrize("value", [{}, [], "", 0, 1, "false", "true", "no", 0.0])
+def test_stream_must_be_a_json_boolean(value):
+    with pytest.raises(InvalidRequest) as err:
+        parse({"prompt": "x", "stream": value})
+    assert err.value.param == "stream" and "true or false" in err.value.message
+
+
+def test_stream_false_and_null_are_accepted_true_is_refused_clearly():
+    assert parse({"prompt": "x", "stream": False}).request.prompt == "x"
+    assert parse({"prompt": "x", "stream": None}).request.prompt == "x"  # null: not set, like every field
+    with pytest.raises(InvalidRequest, match="not supported"):
+        parse({"prompt": "x", "stream": True})
+
+
+def test_boolean_header_text_is_exactly_true_or_false():
+    assert api.flag(api.HeaderText("true"), "f") is True and api.flag(api.HeaderText(" false "), "f") is False
+    for text in ("True", "1", "yes", "", "on", "false!"):
+        with pytest.raises(InvalidRequest):
+            api.flag(api.HeaderText(text), "f")
+    with pytest.raises(InvalidRequest):
+        api.flag("true", "f")  # JSON text is not a JSON boolean
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.text(max_size=30),
+                 st.from_regex(r"\A[ \t]?[+-]{0,2}[0-9²³¹٣４]{0,25}(\.[0-9]{0,5})?([eE][+-]?[0-9]{1,5})?[ \t]?\Z")),
+       st.sampled_from(sorted(api.HEADER_FIELDS)))
+def test_any_header_text_is_a_value_or_a_caller_error(text, header):
+    try:
+        parse({"prompt": "x"}, {header: text})
+    except CallerError as exc:
+        assert exc.status == 400 and exc.param == api.HEADER_FIELDS[header]

@@ -118,3 +118,106 @@ def test_invalid_yaml_reports_line(tmp_path):
 def test_repo_default_config_is_valid():
     cfg = load_config("routes.yaml")
     assert cfg.routes and cfg.tiers
+
+
+# -- route options and capabilities are the router's business, checked at load (issue #8 item 6) --------
+
+LOCAL = """
+backends:
+  local:
+    type: local_sdxl
+    capabilities: {max_n: 4}
+    settings: {preset: tiny, shapes: [{width: 64, height: 64, batch: 2}, {width: 64, height: 64, batch: 4},
+               {width: 96, height: 64, batch: 1}], unlisted_shape: UNLISTED}
+routes:
+  - name: preview
+    candidates: [{backend: local, options: OPTIONS}]
+"""
+
+
+def local_config(options: str = "{decoder: taesd}", unlisted: str = "eager", caps: str = "{max_n: 4}"):
+    text = LOCAL.replace("OPTIONS", options).replace("UNLISTED", unlisted).replace("{max_n: 4}", caps)
+    return load_config_text(text, "local.yaml")
+
+
+@pytest.mark.parametrize(("options", "path", "reason"), [
+    ("{decoder: tiny}", "routes[0].candidates[0].options.decoder", "must be one of 'full', 'taesd', got 'tiny'"),
+    ("{decodr: taesd}", "routes[0].candidates[0].options.decodr", "unknown key (allowed: decoder)"),
+    ("{decoder: 3}", "routes[0].candidates[0].options.decoder", "must be one of 'full', 'taesd'"),
+])
+def test_route_options_are_typed_and_checked_at_load(options, path, reason):
+    with pytest.raises(ConfigError) as err:
+        local_config(options)
+    assert err.value.source == "local.yaml" and err.value.path == path
+    assert reason in err.value.reason
+
+
+def test_valid_route_options_reach_the_candidate():
+    cfg = local_config("{decoder: taesd}")
+    assert dict(cfg.routes[0].candidates[0].options) == {"decoder": "taesd"}
+    assert dict(local_config("{}").routes[0].candidates[0].options) == {}
+
+
+def test_imagegate_check_names_file_key_and_allowed_values(tmp_path, capsys):
+    from gateway.cli import main
+
+    path = tmp_path / "routes.yaml"
+    path.write_text(LOCAL.replace("OPTIONS", "{decoder: vqgan}").replace("UNLISTED", "eager"))
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: routes[0].candidates[0].options.decoder: must be one of 'full', 'taesd', got 'vqgan'" in err
+
+
+class HookedBackend:
+    """A backend class with the config-time hooks, to test the mechanism apart from any real backend."""
+
+    from dataclasses import dataclass as _dataclass
+
+    @_dataclass(frozen=True)
+    class Settings:
+        styles: tuple[str, ...] = ("plain",)
+
+    @_dataclass(frozen=True)
+    class Options:
+        style: str = "plain"
+
+    @staticmethod
+    def check_options(settings, options) -> None:
+        if options.style not in settings.styles:
+            raise ValueError(f"style {options.style!r} is not configured (configured: {', '.join(settings.styles)})")
+
+
+def test_options_are_checked_against_the_backends_settings(monkeypatch):
+    from backends import registry
+
+    monkeypatch.setitem(registry.BACKEND_TYPES, "hooked", f"{__name__}:HookedBackend")
+    doc = """
+backends:
+  h: {type: hooked, settings: {styles: [plain, sketch]}}
+routes:
+  - name: r
+    candidates: [{backend: h, options: {style: STYLE}}]
+"""
+    assert load_config_text(doc.replace("STYLE", "sketch"), "h.yaml").routes[0].candidates[0].options == {"style": "sketch"}
+    with pytest.raises(ConfigError) as err:
+        load_config_text(doc.replace("STYLE", "oil"), "h.yaml")
+    assert err.value.path == "routes[0].candidates[0].options"
+    assert "style 'oil' is not configured (configured: plain, sketch)" in err.value.reason
+
+
+def test_refusing_unlisted_shapes_narrows_the_capabilities():
+    caps = local_config(unlisted="refuse").backends["local"].capabilities
+    assert caps.sizes == ("64x64", "96x64")
+    assert dict(caps.max_n_per_size) == {"64x64": 4, "96x64": 1}
+    # Declared capabilities still bound it: max_n 3 caps the 64x64 batch of 4; 96x64 is not declared.
+    caps = local_config(unlisted="refuse", caps='{max_n: 3, sizes: ["64x64"]}').backends["local"].capabilities
+    assert caps.sizes == ("64x64",) and dict(caps.max_n_per_size) == {"64x64": 3}
+    # Eager runs anything: the declared capabilities stand.
+    assert local_config(unlisted="eager").backends["local"].capabilities.sizes == ()
+
+
+def test_refusing_every_listed_shape_is_a_config_error():
+    with pytest.raises(ConfigError) as err:
+        local_config(unlisted="refuse", caps='{sizes: ["1024x1024"]}')
+    assert err.value.path == "backends.local.settings.shapes"
+    assert "no listed shape (64x64, 96x64) is within the declared capabilities" in err.value.reason

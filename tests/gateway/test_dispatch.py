@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import time
 
 import pytest
+from PIL import Image as PILImage
 
 from backends.base import BackendSpec, Image, ImageRequest, ImageResult, Load, StageClock, Usage
-from backends.errors import BackendOverloaded, BackendRejected, BackendUnavailable
+from backends.errors import BackendOverloaded, BackendQueueFull, BackendRejected, BackendUnavailable
 from gateway.config import load_config_text
 from gateway.dispatch import Dispatcher, DispatchFailed
 from gateway.stats import StatsBook
@@ -24,6 +27,15 @@ routes:
   - name: r
     candidates: [{backend: a, options: {decoder: taesd}}, {backend: b}]
 """
+
+
+def png(width: int = 8, height: int = 8) -> bytes:
+    buf = io.BytesIO()
+    PILImage.new("RGB", (width, height), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PNG = png()
 
 
 class Scripted:
@@ -53,7 +65,8 @@ class Scripted:
         with clock.waiting():
             await asyncio.sleep(0.01)
         clock.stage("denoise", 0.008)
-        return ImageResult((Image(data=b"x"),) * request.n, Usage(images=request.n, gpu_seconds=0.25))
+        image = action if isinstance(action, Image) else Image(data=PNG)
+        return ImageResult((image,) * request.n, Usage(images=request.n, gpu_seconds=0.25))
 
 
 def make(a_actions, b_actions):
@@ -127,7 +140,9 @@ async def test_concurrency_limit_spills_to_next_candidate():
     first = asyncio.create_task(d.dispatch(req(), RequestTiming(), None))
     await asyncio.sleep(0.05)
     served = await d.dispatch(req(), RequestTiming(), None)  # a is busy (max_concurrency 1)
-    assert served.backend == "b" and served.attempts[0].outcome == "backend.backend_overloaded"
+    assert served.backend == "b" and served.attempts[0].outcome == "backend.backend_queue_full"
+    # Our own limit is a full queue: fall through at once, never sleep and retry the same backend.
+    assert [a.backend for a in served.attempts] == ["a"] and len(backends["a"].calls) == 1
     first.cancel()
 
 
@@ -150,3 +165,88 @@ async def test_time_priced_estimates_learn_billed_seconds_not_latency():
     # The backend reported 0.25 GPU-seconds for an attempt that took ~0.01 s of wall time.
     assert stats.ewma_seconds_per_image == 0.25
     assert stats.ewma_latency_s < 0.25
+
+
+async def test_a_full_queue_falls_through_at_once():
+    d, backends, seen = make([BackendQueueFull("a: 9 requests queued", retry_after=0.01)], [])
+    served = await d.dispatch(req(), RequestTiming(), None)
+    # Not retried in place even though the wait would fit: the next candidate serves now.
+    assert served.backend == "b" and len(backends["a"].calls) == 1
+    assert [(a.backend, a.outcome) for a in served.attempts] == [("a", "backend.backend_queue_full")]
+    assert d.stats._live["a"].consecutive_failures == 0  # load, not ill health: no cooldown
+
+
+@pytest.mark.parametrize(("b_error", "retry_after"), [
+    (BackendQueueFull("b: full", retry_after=2.0), 2.0),
+    (BackendOverloaded("b: 429", retry_after=30), 4.0),  # beyond max_retry_after_s: not slept on
+    (BackendQueueFull("b: full"), 4.0),  # no estimate from b: a's
+])
+async def test_everything_busy_is_503_with_the_soonest_wait(b_error, retry_after):
+    d, backends, _ = make([BackendQueueFull("a: full", retry_after=4.0)], [b_error])
+    with pytest.raises(DispatchFailed) as err:
+        await d.dispatch(req(), RequestTiming(), None)
+    assert err.value.error.status == 503 and err.value.error.code == "all_backends_overloaded"
+    assert err.value.error.retry_after == retry_after
+    assert len(backends["a"].calls) == 1 and len(backends["b"].calls) == 1
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+BAD_OUTPUTS = {
+    "garbage base64": Image(format="png", b64=_b64(b"<html>502 Bad Gateway</html>")),
+    "not base64 at all": Image(format="png", b64="this is not base64, is it?"),
+    "truncated png": Image(format="png", b64=_b64(png(64, 64)[:-40])),
+    "truncated png as bytes": Image(format="png", data=png(64, 64)[:-40]),
+    "png cut after its header": Image(format="png", data=png(64, 64)[:60] + png(64, 64)[-12:]),
+    "url where data was needed": Image(format="png", url="http://127.0.0.1:9/x.png"),
+}
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+@pytest.mark.parametrize("bad", list(BAD_OUTPUTS))
+async def test_unreadable_output_is_the_backends_failure_and_falls_through(bad, fmt):
+    if bad == "png cut after its header" and fmt == "png":
+        # Passed on untouched: the constant-time check on the passthrough path sees a good head and trailer
+        # (imaging.framed_as); only a transcode decodes the pixels in between.
+        pytest.skip("damage inside the data is found by a full decode only")
+    d, backends, _ = make([BAD_OUTPUTS[bad]], [])
+    served = await d.dispatch(dataclass_replace(req(), output_format=fmt), RequestTiming(), None)
+    assert served.backend == "b" and len(served.attempts) == 1
+    assert served.attempts[0].outcome == "backend.backend_protocol_error"
+    with PILImage.open(io.BytesIO(served.result.images[0].as_bytes())) as img:
+        img.load()
+        assert img.format == fmt.upper() and served.result.images[0].format == fmt
+
+
+async def test_a_good_image_in_the_wanted_format_passes_through_untouched(monkeypatch):
+    def no_decode(*args):
+        raise AssertionError("the passthrough case must not decode or re-encode")
+
+    monkeypatch.setattr("backends.imaging.conform", no_decode)
+    b64 = _b64(png(32, 16))
+    good = Image(format="png", b64=b64, revised_prompt="r")
+    d, _, _ = make([good, Image(format="jpeg", data=PNG)], [])
+    served = await d.dispatch(req(), RequestTiming(), None)
+    assert served.result.images[0] is good  # same object: base64 text passed on as received
+    # Framed as PNG but labelled jpeg: relabelled, still not decoded.
+    served = await d.dispatch(req(), RequestTiming(), None)
+    assert served.result.images[0].format == "png" and served.result.images[0].data is PNG
+
+
+async def test_other_formats_and_compression_are_transcoded_in_the_attempt():
+    d, _, _ = make([], [])
+    served = await d.dispatch(dataclass_replace(req(), output_format="webp"), RequestTiming(), None)
+    assert served.backend == "b" or served.backend == "a"
+    with PILImage.open(io.BytesIO(served.result.images[0].as_bytes())) as img:
+        assert img.format == "WEBP" and img.size == (8, 8)
+    served = await d.dispatch(dataclass_replace(req(), output_compression=90), RequestTiming(), None)
+    with PILImage.open(io.BytesIO(served.result.images[0].as_bytes())) as img:
+        assert img.format == "PNG"
+
+
+def dataclass_replace(request: ImageRequest, **changes) -> ImageRequest:
+    import dataclasses
+
+    return dataclasses.replace(request, **changes)

@@ -178,3 +178,30 @@ def test_openai_quality_selects_a_tier_unless_one_is_named():
     assert plan(req(quality="hd"), cfg).tier.name == "premium"
     assert plan(req(quality="medium"), cfg).tier.name == "standard"  # unclaimed: the default
     assert plan(req(quality="low", tier="standard"), cfg).tier.name == "standard"
+
+
+STRICT_LOCAL = """
+backends:
+  gpu:
+    type: local_sdxl
+    cost: {per_gpu_second: 0.0001, est_seconds_per_image: 1}
+    settings: {preset: tiny, unlisted_shape: refuse,
+               shapes: [{width: 64, height: 64, batch: 1}, {width: 64, height: 64, batch: 2}]}
+  remote:
+    type: openai
+    cost: {per_image: 0.05}
+    settings: {base_url: "http://127.0.0.1:9/v1"}
+routes:
+  - name: r
+    strategy: cheapest
+    candidates: [{backend: gpu, options: {decoder: taesd}}, {backend: remote}]
+"""
+
+
+def test_shapes_a_strict_local_backend_cannot_serve_go_elsewhere():
+    strict = load_config_text(STRICT_LOCAL, "t")
+    assert names(plan(req(width=64, height=64, n=2), strict)) == ["gpu", "remote"]
+    p = plan(req(width=48, height=32), strict)
+    assert names(p) == ["remote"] and p.skipped == (("gpu", "size 48x32 not in 64x64"),)
+    p = plan(req(width=64, height=64, n=3), strict)
+    assert names(p) == ["remote"] and p.skipped == (("gpu", "n=3 exceeds max_n=2 for 64x64"),)

@@ -13,8 +13,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import structlog
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from gateway import server as server_module
 from gateway.config import load_config_text
 from gateway.server import RECEIVED_AT, GatewayHttpProtocol, protocol
 from tests.fakes.openai_stub import OpenAIStub
@@ -155,3 +158,84 @@ def test_answer_for_a_client_already_gone_is_dropped_not_raised() -> None:
     capture.write(b"HTTP/1.1 200 OK\r\n\r\n")
     capture.write(b"body")
     capture.flush()  # no exception
+
+
+# -- uvicorn's internals are checked at start-up (issue 8, "the speed layer stays, made safe") -----------------
+
+
+def _drop_response_started(monkeypatch) -> None:
+    original = RequestResponseCycle.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        del self.response_started  # as if uvicorn renamed it
+
+    monkeypatch.setattr(RequestResponseCycle, "__init__", init)
+
+
+def _send_takes_more(monkeypatch) -> None:
+    async def send(self, message, *, flush=True):
+        pass
+
+    monkeypatch.setattr(RequestResponseCycle, "send", send)
+
+
+def _wrapped_headers_complete(monkeypatch) -> None:
+    original = HttpToolsProtocol.on_headers_complete
+
+    def on_headers_complete(self):  # builds its cycle somewhere else now
+        original(self)
+
+    monkeypatch.setattr(HttpToolsProtocol, "on_headers_complete", on_headers_complete)
+
+
+CHANGES = {
+    "no on_message_complete": lambda mp: mp.delattr(HttpToolsProtocol, "on_message_complete"),
+    "cycle without response_started": _drop_response_started,
+    "send with another signature": _send_takes_more,
+    "cycle built elsewhere": _wrapped_headers_complete,
+    "an __init__ that sets other attributes": lambda mp: mp.setattr(
+        HttpToolsProtocol, "__init__", lambda self, config, server_state, app_state, _loop=None: None),
+}
+
+
+def test_the_pinned_uvicorn_has_what_the_protocol_relies_on() -> None:
+    assert server_module.check_internals() is None
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_changed_internal_falls_back_to_stock_uvicorn_with_one_warning(change, monkeypatch) -> None:
+    CHANGES[change](monkeypatch)
+    assert server_module.check_internals() is not None
+    warnings = []
+
+    class Log:
+        def warning(self, event, **fields):
+            warnings.append((event, fields))
+
+    assert server_module.protocol(Log()) == "auto"
+    assert len(warnings) == 1 and warnings[0][0] == "uvicorn_internals_changed" and warnings[0][1]["detail"]
+
+
+def test_the_fallback_serves_the_gateway_under_stock_uvicorn(monkeypatch) -> None:
+    from tests.servers import serve_gateway
+
+    _wrapped_headers_complete(monkeypatch)  # stock uvicorn still works with this one; our subclass would not know
+    stub = OpenAIStub()
+    with serve_app(stub) as upstream:
+        config = load_config_text(f"""
+backends:
+  up: {{type: openai, settings: {{base_url: "{upstream}/v1"}}}}
+tiers: {{standard: {{}}}}
+routes:
+  - {{name: main, candidates: [{{backend: up}}]}}
+default_tier: standard
+""", source="test")
+        with structlog.testing.capture_logs() as logs:
+            from gateway.server import uvicorn_settings
+
+            assert uvicorn_settings(config)["http"] == "auto"
+        assert [entry["event"] for entry in logs] == ["uvicorn_internals_changed"]
+        with serve_gateway(config) as base:
+            r = httpx.post(base + "/v1/images/generations", json={"prompt": "a fox", "size": "64x64"})
+            assert r.status_code == 200 and "x-gateway-overhead-ms" in r.headers

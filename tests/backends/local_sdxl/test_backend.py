@@ -13,11 +13,12 @@ import torch
 from PIL import Image as PILImage
 
 from backends.base import StageClock
-from backends.errors import BackendFailed, BackendOverloaded, BackendTimeout, BackendUnavailable, InvalidRequest
+from backends.base import Capabilities
+from backends.errors import BackendFailed, BackendQueueFull, BackendTimeout, BackendUnavailable, CallerError
 from backends.local_sdxl import LocalSDXLBackend
 from backends.local_sdxl.backend import STAGES
 
-from .conftest import SIZE, make_spec, request, start_backend, wait_for
+from .conftest import SIZE, Hook, make_settings, make_spec, request, start_backend, wait_for
 
 
 def pixels(image) -> np.ndarray:
@@ -47,9 +48,12 @@ async def test_decoders_decode_differently(backend):
     assert np.abs(pixels(full.images[0]) - pixels(taesd.images[0])).max() > 0
 
 
-async def test_unknown_decoder_is_refused(backend):
-    with pytest.raises(InvalidRequest, match="decoder 'vqgan'"):
+async def test_an_unplanned_decoder_is_the_backends_failure_not_the_callers(backend):
+    # Route options are checked at config load; a request that still names an unknown decoder was not
+    # planned by the router, so it must not become a 400 for the client: it falls back instead.
+    with pytest.raises(BackendFailed, match="decoder 'vqgan'") as info:
         await backend.generate(request(options={"decoder": "vqgan"}), StageClock())
+    assert not isinstance(info.value, CallerError) and info.value.fallback
 
 
 async def test_seed_gives_reproducible_images(backend):
@@ -143,13 +147,24 @@ async def test_unlisted_shape_runs_eagerly(backend, hook):
     assert len(result.images) == 5 and hook.batches[-1].eager and hook.batches[-1].padded == 5
 
 
+def test_refusing_unlisted_shapes_is_a_capability_the_router_sees():
+    settings = make_settings(unlisted_shape="refuse", shapes=[{"width": SIZE, "height": SIZE, "batch": 2}])
+    caps = LocalSDXLBackend.capabilities_for(settings, Capabilities(max_n=8))
+    assert caps.refusal(request(width=48, height=32)) == f"size 48x32 not in {SIZE}x{SIZE}"
+    assert caps.refusal(request(n=3)) == f"n=3 exceeds max_n=2 for {SIZE}x{SIZE}"
+    assert caps.refusal(request(n=2)) is None
+    eager = LocalSDXLBackend.capabilities_for(make_settings(), Capabilities(max_n=8))
+    assert eager == Capabilities(max_n=8)
+
+
 async def test_unlisted_shape_refused_when_configured():
     backend = await asyncio.to_thread(start_backend, "strict", unlisted_shape="refuse",
                                       shapes=[{"width": SIZE, "height": SIZE, "batch": 2}], warmup_runs=0)
     try:
-        with pytest.raises(InvalidRequest, match=r"48x32 with n=1 is not one of the compiled shapes \(64x64x2"):
+        # Only an unplanned request gets here (the router skips the backend): a backend failure.
+        with pytest.raises(BackendFailed, match=r"48x32 with n=1 is not one of the compiled shapes \(64x64x2"):
             await backend.generate(request(width=48, height=32), StageClock())
-        with pytest.raises(InvalidRequest, match="n=3"):
+        with pytest.raises(BackendFailed, match="n=3"):
             await backend.generate(request(n=3), StageClock())
         result = await backend.generate(request(n=2), StageClock())  # listed
         assert len(result.images) == 2
@@ -228,7 +243,7 @@ async def test_fatal_device_error_marks_the_backend_unready(backend, hook):
     # (the hook fixture clears the flag for the next tests)
 
 
-async def test_full_queue_is_overloaded(backend, hook):
+async def test_full_queue_says_queue_full_to_fall_through_now(backend, hook):
     blocker = asyncio.create_task(backend.generate(request("blocker"), StageClock()))
     await wait_for(lambda: len(hook.batches) == 1)
     worker = backend.worker
@@ -236,8 +251,10 @@ async def test_full_queue_is_overloaded(backend, hook):
     try:
         queued = asyncio.create_task(backend.generate(request("queued"), StageClock()))
         await wait_for(lambda: worker.queue_depth() == 1)
-        with pytest.raises(BackendOverloaded) as info:
+        with pytest.raises(BackendQueueFull) as info:
             await backend.generate(request("one too many"), StageClock())
+        # Not "come back later": the next candidate is tried at once; the wait is only for Retry-After.
+        assert not info.value.retry_same and info.value.fallback
         assert info.value.retry_after is not None and info.value.retry_after > 0
     finally:
         worker.queue_size = size
@@ -255,4 +272,24 @@ async def test_start_failure_is_reported():
     with pytest.raises(RuntimeError, match="CUDA is not available|CUDA devices exist"):
         await backend.start()
     assert not backend.ready()
+    await backend.aclose()
+
+
+async def test_stop_that_times_out_still_answers_every_waiter():
+    backend = await asyncio.to_thread(start_backend, "stopping", warmup_runs=0)
+    hook = Hook()
+    backend.worker.inject = hook
+    running = asyncio.create_task(backend.generate(request("blocker"), StageClock()))
+    await wait_for(lambda: len(hook.batches) == 1)  # on the device, held by the gate
+    queued = asyncio.create_task(backend.generate(request("queued"), StageClock()))
+    await wait_for(lambda: backend.worker.queue_depth() == 1)
+    await asyncio.to_thread(backend.worker.stop, 0.05)  # times out: the batch is still held
+    hook.gate.set()  # the batch finishes after stop() returned, into a closed encoder pool
+    await asyncio.to_thread(backend.worker._thread.join)
+    done, _ = await asyncio.wait({running, queued}, timeout=10)
+    assert done == {running, queued}, "a waiter was never answered"
+    for task in (running, queued):
+        with pytest.raises(BackendUnavailable, match="shutting down"):
+            task.result()
+    assert backend.worker.broken is None  # the worker ended cleanly, it did not die on the closed pool
     await backend.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import pytest
 
@@ -308,3 +309,71 @@ def test_concurrent_first_loads_in_a_fresh_process():
     done = subprocess.run([sys.executable, "-c", CONCURRENT_LOADS], cwd=root, capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+# --- concurrent builds (one worker per GPU) ---------------------------------------------------------------------
+def _weights(c) -> dict[str, torch.Tensor]:
+    models = c.values() if isinstance(c, dict) else (getattr(c, name) for name in MODELS)
+    return {f"{i}.{k}": v for i, m in enumerate(models) for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("path", ["tiny", "on_device"])
+def test_concurrent_builds_do_not_share_seed_dtype_or_device(path, monkeypatch):
+    """Two workers build at the same moment with different seeds and dtypes. Each must get exactly its own
+    weights and dtypes, and the process's default dtype and global RNG must be as before. ``on_device`` is the
+    path of ``preset: sdxl-random`` (built directly in the target dtype), at the tiny preset's size."""
+    from backends.local_sdxl import presets
+
+    dtypes = (F32, torch.bfloat16) if path == "tiny" else (torch.float16, torch.bfloat16)
+
+    def build(seed: int, dtype: torch.dtype):
+        if path == "tiny":
+            return _tiny(seed=seed, dtype=dtype, vae_dtype=dtype)
+        return presets._build_random(presets.tiny_configs(), device=torch.device("cpu"), dtype=dtype,
+                                     vae_dtype=dtype, seed=seed, build_on_device=True)
+
+    alone = [build(seed, dtype) for seed, dtype in enumerate(dtypes)]  # one at a time
+    expected = [_weights(c) for c in alone]
+    if path == "tiny":
+        # Still the weights of the global-seed build this replaced: torch.manual_seed(seed * 1000 + index)
+        # and a plain construction in float32 (text_encoder is the fourth component).
+        with torch.random.fork_rng():
+            torch.manual_seed(0 * 1000 + 3)
+            reference = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+                **presets.tiny_configs()["text_encoder"]))
+        assert _same_weights(reference, alone[0].text_encoder)
+    rng, default_dtype = torch.get_rng_state(), torch.get_default_dtype()
+
+    # Both builds meet inside the VAE's construction, so they surely overlap there.
+    meet = threading.Barrier(2, timeout=60)
+    construct = diffusers.AutoencoderKL.__init__
+
+    def init(self, *args, **kwargs):
+        meet.wait()
+        construct(self, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "__init__", init)
+    results: dict[int, object] = {}
+
+    def worker(seed: int) -> None:
+        try:
+            results[seed] = build(seed, dtypes[seed])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            results[seed] = exc
+            meet.abort()
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for seed, dtype in enumerate(dtypes):
+        got = results[seed]
+        assert not isinstance(got, BaseException), repr(got)
+        weights = _weights(got)
+        assert {v.dtype for v in weights.values() if v.is_floating_point()} == {dtype}
+        assert weights.keys() == expected[seed].keys()
+        assert [k for k in weights if not torch.equal(weights[k], expected[seed][k])] == []
+    assert torch.get_default_dtype() == default_dtype
+    assert torch.equal(torch.get_rng_state(), rng)  # nothing drew from (or reseeded) the global generator
+

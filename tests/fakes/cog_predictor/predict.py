@@ -4,7 +4,8 @@ Runs inside cog's own HTTP server (``python -m cog.server.http``, ``COG_PREDICT_
 in the cog venv, not in the gateway's. Behaviour on demand, keyed by the prompt, so tests can drive every
 path of the real server: ``"fail"`` raises (cog answers 200 with ``status: failed``), ``"slow"`` sleeps
 ``sleep`` seconds (to hold the single prediction slot: concurrent requests get 409, and the client can
-cancel it).
+cancel it). A sleep that runs its course leaves ``slept-<sha256(prompt)[:16]>`` in the output directory; a
+cancelled one never does, so tests can tell "cancelled" from "finished" without timing anything.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class Predictor(BasePredictor):
             end = time.monotonic() + (sleep or 5.0)
             while time.monotonic() < end:
                 time.sleep(0.05)
+            # Only reached when nobody cancelled the prediction (cog interrupts the sleep above).
+            marker = "slept-" + hashlib.sha256(prompt.encode()).hexdigest()[:16]
+            with open(os.path.join(self.out_dir, marker), "w"):
+                pass
         outputs = []
         for index in range(num_outputs):
             # Deterministic colour from prompt, seed and index, so tests can tell the outputs apart.

@@ -50,6 +50,7 @@ class FakeV2:
     calls: list[dict[str, Any]] = field(default_factory=list)
     in_flight: int = 0
     disconnected: int = 0
+    delays_served: int = 0  # slow answers that waited out delay_s (the client stayed)
 
     def fail_next(self, status: int = 500, error: str = "injected failure", *, body: bytes | None = None,
                   reset: bool = False, times: int = 1) -> None:
@@ -87,6 +88,8 @@ class FakeV2:
                 # V2 has no cancel call: a client that gives up just closes the connection.
                 self.disconnected += 1
                 return Response(status_code=499)
+            if self.delay_s:
+                self.delays_served += 1
         finally:
             self.in_flight -= 1
         try:
