@@ -35,9 +35,10 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar, Iterator, Protocol, runtime_checkable
+from typing import Any, ClassVar, Iterator, Literal, Protocol, runtime_checkable
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
+OutputFormat = Literal["png", "jpeg", "webp"]
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("png", "jpeg", "webp")
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -48,6 +49,12 @@ class ImageRequest:
     ``options`` carries per-route backend options chosen by the router (e.g. ``{"decoder": "taesd"}`` for
     the local backend's preview path); a backend reads the keys it knows and ignores the others.
     ``deadline`` is a ``time.monotonic()`` instant after which nobody waits for the answer.
+    ``max_cost_usd`` is the most the caller will pay: the router never plans a backend whose estimate is
+    higher or unknown. It is part of what the caller asked, read by the router; backends ignore it.
+
+    The dispatcher hands a backend the request as that backend should serve it: ``output_format`` is one
+    of its ``Capabilities.output_formats``, and ``output_compression`` is None, because the gateway applies
+    the client's compression itself, in one re-encode with the same meaning whatever the backend.
     """
 
     prompt: str
@@ -68,6 +75,7 @@ class ImageRequest:
     request_id: str = ""
     deadline: float | None = None
     options: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+    max_cost_usd: float | None = None
 
     @property
     def size(self) -> str:
@@ -165,11 +173,21 @@ class Timeouts:
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """What a backend can serve; the router never sends a request outside these.
+    """What a backend can serve (``capabilities:`` in routes.yaml); the router never sends a request
+    outside these.
 
     ``sizes`` empty means any size within ``max_width``/``max_height`` whose sides are multiples of
     ``size_multiple``. ``max_n_per_size`` lowers ``max_n`` for the sizes it names (e.g. a local backend
     that serves only its compiled shapes: 1024x1024 up to 4 images, 768x1344 one).
+
+    ``negative_prompt: false`` / ``seed: false``: the backend would drop that field, so a request that
+    sets it is not sent there (an empty negative prompt asks for nothing and does not count).
+
+    ``output_formats`` are the formats the backend *produces*, never a reason to skip it: the gateway
+    converts formats itself. The dispatcher asks the backend for the client's format when it is listed
+    and the client set no ``output_compression`` (the images then pass through untouched); otherwise for
+    lossless PNG when listed (else the client's format when listed, else the first listed), which the
+    gateway re-encodes once into what the client asked (``gateway.dispatch.asked_format``).
     """
 
     sizes: tuple[str, ...] = ()
@@ -179,12 +197,17 @@ class Capabilities:
     max_n: int = 4
     max_n_per_size: Mapping[str, int] = field(default_factory=lambda: EMPTY)
     max_steps: int = 100
-    output_formats: tuple[str, ...] = OUTPUT_FORMATS
+    output_formats: tuple[OutputFormat, ...] = OUTPUT_FORMATS
     negative_prompt: bool = True
     seed: bool = True
 
+    def __post_init__(self) -> None:
+        if not self.output_formats:
+            raise ValueError("output_formats: list at least one format the backend produces")
+
     def refusal(self, request: ImageRequest) -> str | None:
-        """Why this backend cannot serve ``request``, or None if it can. Pure."""
+        """Why this backend cannot serve ``request``, or None if it can. Pure; ``output_formats`` is not
+        a reason (see the class docstring)."""
         if self.sizes and request.size not in self.sizes:
             return f"size {request.size} not in {', '.join(self.sizes)}"
         if not self.sizes:
@@ -200,6 +223,10 @@ class Capabilities:
                 return f"n={request.n} exceeds max_n={limit} for {request.size}"
         if request.steps is not None and request.steps > self.max_steps:
             return f"steps={request.steps} exceeds max_steps={self.max_steps}"
+        if request.negative_prompt and not self.negative_prompt:
+            return "takes no negative_prompt"
+        if request.seed is not None and not self.seed:
+            return "takes no seed"
         return None
 
 

@@ -23,53 +23,18 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from backends.base import (
-    BackendSpec,
-    Image,
-    ImageRequest,
-    ImageResult,
-    Load,
-    LoadCounter,
-    StageClock,
-    Usage,
-)
-from backends.errors import (
-    BackendFailed,
-    BackendQueueFull,
-    BackendProtocolError,
-    BackendTimeout,
-    BackendUnavailable,
-    scrub,
-)
-from backends.http import (
-    OutputFetcher,
-    credentials,
-    json_body,
-    make_client,
-    raise_for_status,
-    send,
-)
-from backends.predictions import (
-    Family,
-    InputMapping,
-    classify_failure,
-    from_prediction,
-    resolve_mapping,
-    to_inputs,
-)
-from backends.remote import Background, best_effort, fan_out, fetch_images, stop_task
+from backends.base import EMPTY, BackendSpec, Image, ImageRequest, ImageResult, StageClock
+from backends.errors import BackendError, BackendProtocolError, BackendQueueFull, BackendUnavailable
+from backends.predictions import Family, InputMapping, from_prediction, raise_for_outcome, resolve_mapping, to_inputs
+from backends.remote import Outputs, RemoteBackend, best_effort, fan_out, usage
 
 READY_STATES = frozenset({"READY", "BUSY"})
-
-
-def _empty() -> Mapping[str, Any]:
-    return MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +44,8 @@ class Settings:
     base_url: str
     # Input schema preset (see backends.predictions.FAMILIES) and per-field overrides of it.
     family: Family = "sdxl"
-    input: Mapping[str, Any] = field(default_factory=_empty)
-    extra_input: Mapping[str, Any] = field(default_factory=_empty)
+    input: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
+    extra_input: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
     # Bearer token for an authenticating proxy in front of the container (cog itself has no auth).
     api_token: str | None = None
     health_interval: float = 5.0
@@ -110,89 +75,43 @@ class Settings:
         object.__setattr__(self, "mapping", resolve_mapping(self.family, self.input, self.extra_input))
 
 
-class CogBackend:
+class CogBackend(RemoteBackend[Settings]):
     Settings = Settings
 
     def __init__(self, spec: BackendSpec) -> None:
-        self.spec = spec
-        self.settings: Settings = spec.settings
-        self._client: httpx.AsyncClient | None = None  # the container's API only: it carries the token
-        self._fetcher: OutputFetcher | None = None  # --upload-url outputs: no credential
-        self._loads = LoadCounter()
-        self._secrets = credentials(self.settings.api_token, urls=(self.settings.base_url,))
-        self._ready = False
+        s: Settings = spec.settings
         self.health: str | None = None  # last /health-check status, for logs and tests
-        self._health_task: asyncio.Task[None] | None = None
-        self._background = Background()  # cancels that outlive the generate() that started them
+        # api_token: for an authenticating proxy in front of the container (cog itself has no auth).
+        super().__init__(spec, base_url=s.base_url.rstrip("/"), key=s.api_token, headers={"User-Agent": "imagegate"},
+                         outputs=Outputs(s.allowed_output_hosts, s.max_output_bytes, s.output_timeout),
+                         cancel_timeout=s.cancel_timeout, health_interval=s.health_interval)
 
-    # -- lifecycle ------------------------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        headers = {"User-Agent": "imagegate"}
-        if self.settings.api_token:
-            headers["Authorization"] = f"Bearer {self.settings.api_token}"
-        self._client = make_client(self.spec, self.settings.base_url.rstrip("/"), headers=headers)
-        self._fetcher = OutputFetcher(self.spec)
-        await self.check_health()
-        self._health_task = asyncio.ensure_future(self._health_loop())
-
-    async def aclose(self) -> None:
-        await stop_task(self._health_task)
-        self._health_task = None
-        await self._background.drain(self.settings.cancel_timeout)
-        client, fetcher, self._client, self._fetcher = self._client, self._fetcher, None, None
-        if client is not None:
-            await client.aclose()
-        if fetcher is not None:
-            await fetcher.aclose()
-        self._ready = False
-
-    def ready(self) -> bool:
-        return self._ready
-
-    def load(self) -> Load:
-        return self._loads.snapshot()
-
-    async def check_health(self) -> bool:
-        """One ``GET /health-check``; updates ``ready()``."""
+    async def probe(self) -> bool:
+        """One ``GET /health-check``: READY or BUSY (reachable and set up) is ready."""
         status = None
-        if self._client is not None:
-            try:
-                response = await self._client.get("/health-check", timeout=min(5.0, self.settings.health_interval))
-                body = response.json() if response.status_code == 200 else None
-                status = body.get("status") if isinstance(body, Mapping) else None
-            except (httpx.HTTPError, ValueError):
-                status = None
+        try:
+            response = await self.send("GET", "/health-check", StageClock(),
+                                       timeout=min(5.0, self.settings.health_interval))
+            body = response.json() if response.status_code == 200 else None
+            status = body.get("status") if isinstance(body, Mapping) else None
+        except (BackendError, httpx.HTTPError, ValueError):
+            status = None
         self.health = status if isinstance(status, str) else None
-        self._ready = self.health in READY_STATES
-        return self._ready
-
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.health_interval)
-            await self.check_health()
+        return self.health in READY_STATES
 
     # -- generate -------------------------------------------------------------------------------------------
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
-        if self._client is None:
-            raise BackendUnavailable(f"{self.spec.name}: not started")
         inputs = to_inputs(request, self.settings.mapping)
-        with self._loads.track():
+        with self.loads.track():
             # In parallel the clock gets the slowest prediction's wait and predict time; one after another, the sum.
-            outcomes = await fan_out([lambda k, body=body: self._predict(request, body, k) for body in inputs],
+            outcomes = await fan_out([partial(self._predict, request, body) for body in inputs],
                                      clock, parallel=self.settings.parallel)
-        predict = [seconds for _, seconds in outcomes if seconds is not None]  # billed: the sum
         images = tuple(image for batch, _ in outcomes for image in batch)
-        return ImageResult(images=images, usage=Usage(
-            images=len(images), megapixels=request.megapixels * len(images), steps=request.steps,
-            predict_seconds=sum(predict) if predict else None,
-        ))
+        return ImageResult(images, usage(request, len(images), predict=(seconds for _, seconds in outcomes)))
 
     async def _predict(self, request: ImageRequest, model_input: dict[str, Any],
                        clock: StageClock) -> tuple[list[Image], float | None]:
-        assert self._client is not None
-        name = self.spec.name
         prediction_id = uuid.uuid4().hex
         busy_until = time.monotonic() + self.settings.busy_wait_s
         if request.deadline is not None:
@@ -202,61 +121,39 @@ class CogBackend:
             try:
                 response = await self._put(request, prediction_id, model_input, clock)
             except BackendUnavailable:
-                self._ready = False  # the health loop brings it back
+                self.unreachable()  # the health loop brings it back
                 raise
             except BaseException:
                 # Cancelled, timed out or broken mid-answer: the prediction may be running; nobody will read it.
-                await self._cancel_shielded(prediction_id)
+                await self.cancel_shielded(self._cancel(prediction_id))
                 raise
             if response.status_code != 409:
                 break
             if time.monotonic() + pause > busy_until:
-                raise BackendQueueFull(f"{name}: busy (409): every prediction slot is taken")
+                raise BackendQueueFull(f"{self.name}: busy (409): every prediction slot is taken")
             # Re-sending the same id is safe: a 409 means the container did not take this prediction.
             with clock.waiting():
                 await asyncio.sleep(pause)
             pause = min(pause * 2, 0.2)
-        raise_for_status(response, backend=name, secrets=self._secrets)
+        self.raise_for_status(response)
         if response.status_code == 202:
             # Only a prediction with this id already running answers 202; we cannot read its result.
-            await self._cancel_shielded(prediction_id)
-            raise BackendProtocolError(f"{name}: prediction {prediction_id} was already running")
-        prediction = from_prediction(json_body(response, backend=name), backend=name)
-        if prediction.status == "failed":
-            error = scrub(prediction.error or "no error given", self._secrets)
-            raise classify_failure(prediction.error)(f"{name}: prediction failed: {error}")
-        if prediction.status == "canceled":
-            remaining = request.remaining()
-            if remaining is not None and remaining <= 1.0:
-                raise BackendTimeout(f"{name}: prediction canceled at the deadline")
-            raise BackendFailed(f"{name}: prediction was canceled")
-        if prediction.status != "succeeded":
-            raise BackendProtocolError(f"{name}: synchronous prediction answered {prediction.status!r}")
-        if not prediction.outputs:
-            raise BackendProtocolError(f"{name}: prediction succeeded without output")
+            await self.cancel_shielded(self._cancel(prediction_id))
+            raise BackendProtocolError(f"{self.name}: prediction {prediction_id} was already running")
+        prediction = from_prediction(self.json_body(response), backend=self.name)
+        raise_for_outcome(prediction, request, backend=self.name, secrets=self.secrets)
         predict = prediction.timings.get("remote_predict")
         if predict is not None:
             clock.stage("remote_predict", predict)
-        s = self.settings
-        if self._fetcher is None:
-            raise BackendUnavailable(f"{name}: not started")
-        images = await fetch_images(self._fetcher, prediction.outputs, clock, backend=name,
-                                    allowed_hosts=s.allowed_output_hosts, max_bytes=s.max_output_bytes,
-                                    timeout=s.output_timeout)
-        return images, predict
+        return await self.fetch(prediction.outputs, clock), predict
 
     async def _put(self, request: ImageRequest, prediction_id: str, model_input: dict[str, Any],
                    clock: StageClock) -> httpx.Response:
-        assert self._client is not None
-        t = self.spec.timeouts
         attempt = 0
         while True:
-            http_request = self._client.build_request(
-                "PUT", f"/predictions/{prediction_id}", json={"id": prediction_id, "input": model_input},
-                timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.read, pool=t.connect),
-            )
             try:
-                return await send(self._client, http_request, clock, backend=self.spec.name, secrets=self._secrets)
+                return await self.send("PUT", f"/predictions/{prediction_id}", clock,
+                                       json={"id": prediction_id, "input": model_input})
             except BackendUnavailable:
                 attempt += 1
                 backoff = 0.1 * 2**attempt
@@ -268,26 +165,19 @@ class CogBackend:
 
     # -- cancellation ---------------------------------------------------------------------------------------
 
-    async def _cancel_shielded(self, prediction_id: str) -> None:
-        await self._background.shielded(self.cancel(prediction_id))
-
     async def cancel(self, prediction_id: str) -> None:
-        """Cancel a prediction by id; best effort, within ``cancel_timeout``. A 404 may mean our PUT has not
-        been read yet: try again once, briefly.
+        """Cancel a prediction by id; best effort, within ``cancel_timeout``.
 
         cog 0.23 also cancels a synchronous prediction by itself when its connection drops; this matters
         when something between us and the container (a proxy, a load balancer) keeps that connection open,
         and for servers that do not."""
-        if self._client is None:
-            return
-        client = self._client
+        await best_effort(self._cancel(prediction_id), self.cancel_timeout)
 
-        async def attempt() -> None:
-            for retry in range(2):
-                response = await send(client, client.build_request("POST", f"/predictions/{prediction_id}/cancel"),
-                                      StageClock(), backend=self.spec.name, secrets=self._secrets)
-                if response.status_code != 404 or retry:
-                    return
-                await asyncio.sleep(0.2)
-
-        await best_effort(attempt(), self.settings.cancel_timeout)
+    async def _cancel(self, prediction_id: str) -> None:
+        """``POST /predictions/{id}/cancel`` (callers bound it and ignore its failures). A 404 may mean our
+        PUT has not been read yet: try again once, briefly."""
+        for retry in range(2):
+            response = await self.send("POST", f"/predictions/{prediction_id}/cancel", StageClock())
+            if response.status_code != 404 or retry:
+                return
+            await asyncio.sleep(0.2)

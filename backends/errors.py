@@ -101,10 +101,16 @@ class MethodNotAllowed(CallerError):
 
 
 class PolicyError(ImagegateError):
+    """Raised by the router once it has matched a route; ``route`` names it (for X-Route, logs, metrics)."""
+
     status = 400
     error_type = "invalid_request_error"
     code = "policy"
     family = "policy"
+
+    def __init__(self, message: str, *, param: str | None = None, route: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.route = route
 
 
 class NoCapableBackend(PolicyError):

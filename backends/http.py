@@ -9,11 +9,11 @@
 * ``passable_link``: whether an upstream's output URL may be handed to our client as it is.
 * ``credentials``: the secret values in a backend's settings, for ``scrub``.
 
-Credentials and output hosts, by construction: an API client may carry a credential (as default headers or
-per request), but ``fetch_output`` only accepts an ``OutputFetcher``, whose own client is built without
-default headers, cookies, redirects or environment credentials (netrc, proxies) and is never handed to
-anything else. An output host (a blob store, a CDN, any allow-listed host) therefore cannot receive a
-credential, whatever an API client carries.
+Credentials and output hosts, by construction: the remote backends' API clients hold no credential
+(``backends.remote.RemoteBackend.send`` adds it to each API request), and ``fetch_output`` only accepts an
+``OutputFetcher``, whose own client is built without default headers, cookies, redirects or environment
+credentials (netrc, proxies) and is never handed to anything else. An output host (a blob store, a CDN, any
+allow-listed host) therefore cannot receive a credential, whatever an API client or request carries.
 
 Why wire time from httpcore's trace events rather than timing ``await client.send()``: the client
 library's own CPU work (building the request, parsing the response) happens inside that await, and is
@@ -43,8 +43,8 @@ from backends.errors import (
     BackendError,
     BackendFailed,
     BackendOverloaded,
-    BackendQueueFull,
     BackendProtocolError,
+    BackendQueueFull,
     BackendRejected,
     BackendTimeout,
     BackendUnavailable,

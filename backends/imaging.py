@@ -13,6 +13,7 @@ import zlib
 from typing import Any
 
 from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
 
 from backends.base import Image
 
@@ -30,8 +31,8 @@ def encode(image: PILImage.Image, fmt: str, compression: int | None = None) -> b
     buf = io.BytesIO()
     kwargs: dict[str, Any] = {}
     if fmt == "png":
-        # Level 1 rather than Pillow's default 6: ~3x faster for ~10% larger files; image serving is
-        # latency-bound. An explicit compression asks for smaller files.
+        # Level 1 rather than Pillow's default 6: deflate's fastest level, for somewhat larger files; image
+        # serving is latency-bound. An explicit compression asks for smaller files.
         kwargs["compress_level"] = 1 if compression is None else min(9, max(0, round(compression / 11)))
     else:
         kwargs["quality"] = 90 if compression is None else max(1, 100 - compression)
@@ -39,13 +40,6 @@ def encode(image: PILImage.Image, fmt: str, compression: int | None = None) -> b
             image = image.convert("RGB")
     image.save(buf, format=_PIL_FORMATS[fmt], **kwargs)
     return buf.getvalue()
-
-
-def transcode(data: bytes, fmt: str, compression: int | None = None) -> bytes:
-    """Re-encode encoded image bytes into ``fmt``."""
-    with PILImage.open(io.BytesIO(data)) as img:
-        img.load()
-        return encode(img, fmt, compression)
 
 
 # -- checking what a backend returned ----------------------------------------------------------------
@@ -62,8 +56,8 @@ def framed_as(head: bytes, tail: bytes, length: int) -> str | None:
     first, EOI marker last; WebP = a RIFF/WEBP header whose size field is the byte count. Constant time
     whatever the image size (the common case runs on the event loop, per request): it catches non-image
     data, a wrong format and truncation — the ways an answer goes bad in practice — but not damage inside
-    the compressed data, which only a full decode would (a walk of every PNG chunk measured ~10x dearer
-    per request for the rarer spliced case).
+    the compressed data, which only a full decode would (walking every PNG chunk instead would cost time
+    proportional to the image on every request, for the rarer spliced case).
     """
     if head.startswith(_PNG_SIGNATURE):
         ihdr = head[8:33]
@@ -117,7 +111,7 @@ def conform(image: Image, fmt: str, compression: int | None = None) -> Image:
             if actual == fmt and compression is None:
                 return Image(format=fmt, data=data, revised_prompt=image.revised_prompt)
             return Image(format=fmt, data=encode(img, fmt, compression), revised_prompt=image.revised_prompt)
-    except PILImage.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise UnreadableImage(f"not an image of a known format ({len(data)} bytes)") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, bomb errors...)
         raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
@@ -125,8 +119,8 @@ def conform(image: Image, fmt: str, compression: int | None = None) -> Image:
 
 def needs_work(image: Image, fmt: str, compression: int | None) -> bool:
     """False when ``image`` can be passed on as it is: a URL (the caller handles those), or already a
-    well-framed ``fmt`` image with no compression asked. Reads a few bytes per PNG chunk (microseconds,
-    whatever the image size), so it runs on the event loop."""
+    well-framed ``fmt`` image with no compression asked. Reads only the image's first and last bytes
+    (``quick_format``: constant time whatever the image size), so it runs on the event loop."""
     if image.url is not None:
         return False
     return compression is not None or quick_format(image) != fmt

@@ -1,8 +1,9 @@
 """What the Replicate API and self-hosted cog containers share: the model input schemas (cog models *are*
 Replicate models), the prediction object, output handling and failure classification.
 
-Everything here is pure: plain dicts in, plain values out. The I/O the two backends share with the other
-remote backends (parallel calls, output fetches, cancels) is in ``backends.remote``.
+Everything here is pure: plain dicts in, plain values (or vocabulary errors) out. The I/O the two backends
+share with the other remote backends (clients, parallel calls, output fetches, cancels) is in
+``backends.remote``.
 
 Input mapping is table-driven. A *family* names a preset ``InputMapping`` for a model's input schema
 (``sdxl``: width/height and ``num_outputs``; ``flux_schnell``/``flux_dev``: ``aspect_ratio`` +
@@ -27,6 +28,8 @@ from backends.errors import (
     BackendFailed,
     BackendProtocolError,
     BackendRejected,
+    BackendTimeout,
+    scrub,
 )
 from backends.remote import seeded_batches
 from backends.settings import build
@@ -79,8 +82,6 @@ class InputMapping:
     seed_field: str | None = "seed"
     output_format_field: str | None = None
     output_formats: Mapping[str, str] = field(default_factory=lambda: REPLICATE_FORMATS)
-    # The model's output quality input (higher = better), fed from OpenAI's output_compression (higher = smaller).
-    quality_field: str | None = None
     # Sent as-is with every prediction (e.g. ``disable_safety_checker``, ``go_fast``).
     static: Mapping[str, Any] = field(default_factory=_frozen)
 
@@ -114,19 +115,16 @@ FAMILIES: Mapping[str, InputMapping] = MappingProxyType({
     "flux_schnell": InputMapping(
         size_mode="aspect_ratio", megapixels_field="megapixels", megapixels_choices=("1", "0.25"),
         negative_prompt_field=None, guidance_field=None, output_format_field="output_format",
-        quality_field="output_quality",
     ),
     # black-forest-labs/flux-dev: as schnell, plus ``guidance``.
     "flux_dev": InputMapping(
         size_mode="aspect_ratio", megapixels_field="megapixels", megapixels_choices=("1", "0.25"),
         negative_prompt_field=None, guidance_field="guidance", output_format_field="output_format",
-        quality_field="output_quality",
     ),
     # black-forest-labs/flux-1.1-pro: one image per prediction (a single URL), no steps.
     "flux_pro": InputMapping(
         size_mode="aspect_ratio", aspect_ratios=FLUX_PRO_ASPECT_RATIOS, n_field=None,
-        max_outputs_per_call=1, output_format_field="output_format", quality_field="output_quality",
-        **_NO_EXTRAS,
+        max_outputs_per_call=1, output_format_field="output_format", **_NO_EXTRAS,
     ),
     # Anything else: the prompt only; name the other fields in ``input:``.
     "custom": InputMapping(size_mode="none", n_field=None, max_outputs_per_call=1, seed_field=None, **_NO_EXTRAS),
@@ -192,8 +190,6 @@ def to_input(request: ImageRequest, mapping: InputMapping, *, count: int | None 
         out[mapping.seed_field] = seed
     if mapping.output_format_field and request.output_format in mapping.output_formats:
         out[mapping.output_format_field] = mapping.output_formats[request.output_format]
-    if mapping.quality_field and request.output_compression is not None:
-        out[mapping.quality_field] = max(0, min(100, 100 - request.output_compression))
     extra = request.options.get("input") if request.options else None
     if isinstance(extra, Mapping):
         out.update(extra)
@@ -302,3 +298,24 @@ def classify_failure(error: str | None) -> type[BackendError]:
     if not error or _INFRA_FAILURE.search(error):
         return BackendFailed
     return BackendRejected
+
+
+def raise_for_outcome(prediction: Prediction, request: ImageRequest, *, backend: str,
+                      secrets: tuple[str, ...] = ()) -> None:
+    """Raise the vocabulary error a finished prediction means; return quietly when it succeeded with output.
+
+    ``failed``: see ``classify_failure``. ``canceled``: ``BackendTimeout`` when the request's deadline was
+    (all but) reached, so our own cancel or Cancel-After did it; ``BackendFailed`` otherwise (someone else
+    did). Any other status than ``succeeded`` here, or a success without output: ``BackendProtocolError``."""
+    if prediction.status == "failed":
+        error = scrub(prediction.error or "no error given", secrets)
+        raise classify_failure(prediction.error)(f"{backend}: prediction failed: {error}")
+    if prediction.status == "canceled":
+        remaining = request.remaining()
+        if remaining is not None and remaining <= 1.0:
+            raise BackendTimeout(f"{backend}: prediction canceled at the deadline")
+        raise BackendFailed(f"{backend}: prediction was canceled upstream")
+    if prediction.status != "succeeded":
+        raise BackendProtocolError(f"{backend}: prediction answered {prediction.status!r}, not a result")
+    if not prediction.outputs:
+        raise BackendProtocolError(f"{backend}: prediction succeeded without output")

@@ -28,55 +28,25 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from backends.base import (
-    BackendSpec,
-    Image,
-    ImageRequest,
-    ImageResult,
-    Load,
-    LoadCounter,
-    StageClock,
-    Usage,
-)
-from backends.errors import (
-    BackendError,
-    BackendFailed,
-    BackendProtocolError,
-    BackendTimeout,
-    BackendUnavailable,
-    scrub,
-)
-from backends.http import (
-    OutputFetcher,
-    credentials,
-    json_body,
-    make_client,
-    raise_for_status,
-    retry_after_seconds,
-    send,
-)
+from backends.base import EMPTY, BackendSpec, Image, ImageRequest, ImageResult, StageClock
+from backends.errors import BackendError, BackendProtocolError, BackendTimeout
+from backends.http import retry_after_seconds
 from backends.predictions import (
     Family,
     InputMapping,
     Prediction,
-    classify_failure,
     from_prediction,
+    raise_for_outcome,
     resolve_mapping,
     to_inputs,
 )
-from backends.remote import (
-    Background,
-    best_effort,
-    fan_out,
-    fetch_images,
-    same_origin,
-)
+from backends.remote import Outputs, RemoteBackend, best_effort, fan_out, same_origin, usage
 
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _VERSION = re.compile(r"^[0-9a-f]{64}$")
@@ -84,10 +54,6 @@ _VERSION = re.compile(r"^[0-9a-f]{64}$")
 _POLL_ERRORS = 3
 # Cancel-After below this is refused or meaningless upstream; our own cancel covers the rest.
 _MIN_CANCEL_AFTER_S = 5
-
-
-def _empty() -> Mapping[str, Any]:
-    return MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +68,9 @@ class Settings:
     base_url: str = "https://api.replicate.com"
     # Input schema preset (see backends.predictions.FAMILIES) and per-field overrides of it.
     family: Family = "sdxl"
-    input: Mapping[str, Any] = field(default_factory=_empty)
+    input: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
     # Static inputs sent with every prediction.
-    extra_input: Mapping[str, Any] = field(default_factory=_empty)
+    extra_input: Mapping[str, Any] = field(default_factory=lambda: EMPTY)
     # How long Replicate may hold the create open (1..60 s). Longer saves poll round trips for slow
     # models, but while the create is held we do not know the prediction's id, so a client that goes
     # away is only cancelled upstream once the create answers: up to this many seconds later.
@@ -151,61 +117,24 @@ class _Outcome:
     predict_s: float | None
 
 
-class ReplicateBackend:
+class ReplicateBackend(RemoteBackend[Settings]):
     Settings = Settings
 
     def __init__(self, spec: BackendSpec) -> None:
-        self.spec = spec
-        self.settings: Settings = spec.settings
-        self._client: httpx.AsyncClient | None = None  # the API only
-        self._fetcher: OutputFetcher | None = None  # delivery URLs: no credential
-        self._loads = LoadCounter()
-        self._secrets = credentials(self.settings.api_token, urls=(self.settings.base_url,))
-        # Sent per request rather than as client defaults, and only to the API's own origin (see same_origin).
-        self._auth = {"Authorization": f"Bearer {self.settings.api_token}"}
-        self._background = Background()  # cancels that outlive the generate() that started them
-
-    # -- lifecycle ------------------------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        self._client = make_client(self.spec, self.settings.base_url.rstrip("/"),
-                                   headers={"User-Agent": "imagegate"})
-        self._fetcher = OutputFetcher(self.spec)
-
-    async def aclose(self) -> None:
-        # Give in-flight cancellations a moment to reach Replicate, then drop them.
-        await self._background.drain(self.settings.cancel_timeout)
-        client, fetcher, self._client, self._fetcher = self._client, self._fetcher, None, None
-        if client is not None:
-            await client.aclose()
-        if fetcher is not None:
-            await fetcher.aclose()
-
-    def ready(self) -> bool:
-        return self._client is not None
-
-    def load(self) -> Load:
-        return self._loads.snapshot()
-
-    # -- generate -------------------------------------------------------------------------------------------
+        s: Settings = spec.settings
+        # The token goes with every API request, and only to the API's own origin (see _api_url).
+        super().__init__(spec, base_url=s.base_url.rstrip("/"), key=s.api_token, headers={"User-Agent": "imagegate"},
+                         outputs=Outputs(s.allowed_output_hosts, s.max_output_bytes, s.output_timeout),
+                         cancel_timeout=s.cancel_timeout)
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
-        if self._client is None:
-            raise BackendUnavailable(f"{self.spec.name}: not started")
         inputs = to_inputs(request, self.settings.mapping)
-        with self._loads.track():
+        with self.loads.track():
             # Concurrent predictions overlap: the clock gets the slowest one's wait and stages.
-            outcomes = await fan_out([lambda k, body=body: self._predict(request, body, k) for body in inputs],
+            outcomes = await fan_out([partial(self._predict, request, body) for body in inputs],
                                      clock)
-        predict = [o.predict_s for o in outcomes if o.predict_s is not None]  # billed: the sum
         images = tuple(image for o in outcomes for image in o.images)
-        usage = Usage(
-            images=len(images),
-            megapixels=request.megapixels * len(images),
-            steps=request.steps,
-            predict_seconds=sum(predict) if predict else None,
-        )
-        return ImageResult(images=images, usage=usage)
+        return ImageResult(images, usage(request, len(images), predict=(o.predict_s for o in outcomes)))
 
     async def _predict(self, request: ImageRequest, model_input: dict[str, Any], clock: StageClock) -> _Outcome:
         create = asyncio.ensure_future(self._create(request, model_input, clock))
@@ -214,23 +143,23 @@ class ReplicateBackend:
             # goes on so that its answer (the prediction id) lets us cancel the prediction.
             prediction = await asyncio.shield(create)
         except asyncio.CancelledError:
-            self._background.spawn(self._cancel_when_created(create))
+            self.cancel_later(self._cancel_when_created(create),
+                              timeout=self._create_wait() + self.cancel_timeout)
             raise
         try:
             prediction = await self._wait_terminal(request, prediction, clock)
         except BaseException:
             # Nobody waits for this prediction any more (cancelled, deadline, unreadable poll answer).
-            await self._cancel_shielded(prediction)
+            await self.cancel_shielded(self._cancel(prediction))
             raise
         return await self._finish(request, prediction, clock)
 
     async def _create(self, request: ImageRequest, model_input: dict[str, Any], clock: StageClock) -> Prediction:
-        assert self._client is not None
         s = self.settings
         body: dict[str, Any] = {"input": model_input}
         if s.version:
             body["version"] = s.version
-        headers = dict(self._auth)
+        headers: dict[str, str] = {}
         wait = s.prefer_wait
         remaining = request.remaining()
         if remaining is not None:
@@ -239,17 +168,14 @@ class ReplicateBackend:
         headers["Prefer"] = f"wait={wait}"
         t = self.spec.timeouts
         timeout = httpx.Timeout(connect=t.connect, read=max(t.read, wait + 5.0), write=t.read, pool=t.connect)
-        http_request = self._client.build_request("POST", s.create_path, json=body, headers=headers,
-                                                  timeout=timeout)
-        response = await send(self._client, http_request, clock, backend=self.spec.name, secrets=self._secrets)
-        raise_for_status(response, backend=self.spec.name, secrets=self._secrets)
-        prediction = from_prediction(json_body(response, backend=self.spec.name), backend=self.spec.name)
+        response = await self.send("POST", s.create_path, clock, json=body, headers=headers, timeout=timeout)
+        self.raise_for_status(response)
+        prediction = from_prediction(self.json_body(response), backend=self.name)
         if prediction.id is None and not prediction.terminal:
-            raise BackendProtocolError(f"{self.spec.name}: prediction without an id")
+            raise BackendProtocolError(f"{self.name}: prediction without an id")
         return prediction
 
     async def _wait_terminal(self, request: ImageRequest, prediction: Prediction, clock: StageClock) -> Prediction:
-        assert self._client is not None
         s = self.settings
         url = self._api_url(prediction.urls.get("get"), f"/v1/predictions/{prediction.id}")
         errors = 0
@@ -257,71 +183,52 @@ class ReplicateBackend:
         while not prediction.terminal:
             remaining = request.remaining()
             if remaining is not None and remaining <= 0:
-                raise BackendTimeout(f"{self.spec.name}: prediction still {prediction.status} at the deadline")
+                raise BackendTimeout(f"{self.name}: prediction still {prediction.status} at the deadline")
             with clock.waiting():
                 await asyncio.sleep(delay if remaining is None else min(delay, remaining))
             delay = s.poll_interval
-            response = await send(self._client, self._client.build_request("GET", url, headers=self._auth),
-                                  clock, backend=self.spec.name, secrets=self._secrets)
+            response = await self.send("GET", url, clock)
             if response.status_code == 429 or response.status_code >= 500:
                 # A GET is safe to repeat: a throttled or failing poll says nothing about the prediction.
                 errors += 1
                 if errors > _POLL_ERRORS:
-                    raise_for_status(response, backend=self.spec.name, secrets=self._secrets)
+                    self.raise_for_status(response)
                 retry_after = retry_after_seconds(response.headers.get("retry-after"))
                 delay = s.poll_interval * 2**errors if retry_after is None else retry_after
                 continue
             errors = 0
-            raise_for_status(response, backend=self.spec.name, secrets=self._secrets)
-            prediction = from_prediction(json_body(response, backend=self.spec.name), backend=self.spec.name)
+            self.raise_for_status(response)
+            prediction = from_prediction(self.json_body(response), backend=self.name)
         return prediction
 
     async def _finish(self, request: ImageRequest, prediction: Prediction, clock: StageClock) -> _Outcome:
-        s = self.settings
-        name = self.spec.name
-        if prediction.status == "failed":
-            error = scrub(prediction.error or "no error given", self._secrets)
-            raise classify_failure(prediction.error)(f"{name}: prediction failed: {error}")
         if prediction.status == "aborted":
-            raise BackendTimeout(f"{name}: prediction aborted before it started (Cancel-After passed)")
-        if prediction.status == "canceled":
-            remaining = request.remaining()
-            if remaining is not None and remaining <= 1.0:
-                raise BackendTimeout(f"{name}: prediction canceled at the deadline")
-            raise BackendFailed(f"{name}: prediction was canceled upstream")
-        if not prediction.outputs:
-            raise BackendProtocolError(f"{name}: prediction succeeded without output")
-        if self._fetcher is None:
-            raise BackendUnavailable(f"{name}: not started")
+            raise BackendTimeout(f"{self.name}: prediction aborted before it started (Cancel-After passed)")
+        raise_for_outcome(prediction, request, backend=self.name, secrets=self.secrets)
         for stage, seconds in prediction.timings.items():  # remote_queue / remote_predict
             clock.stage(stage, seconds)
-        images = await fetch_images(self._fetcher, prediction.outputs, clock, backend=name,
-                                    allowed_hosts=s.allowed_output_hosts, max_bytes=s.max_output_bytes,
-                                    timeout=s.output_timeout)
+        images = await self.fetch(prediction.outputs, clock)
         return _Outcome(images=images, predict_s=prediction.timings.get("remote_predict"))
 
     # -- cancellation ---------------------------------------------------------------------------------------
 
-    async def _cancel_shielded(self, prediction: Prediction) -> None:
-        if prediction.terminal or self._client is None:
-            return
-        await self._background.shielded(self._cancel(prediction))
+    def _create_wait(self) -> float:
+        """The longest a create can be held open by the API, plus margin."""
+        return self.settings.prefer_wait + 10.0
 
     async def _cancel_when_created(self, create: asyncio.Future[Prediction]) -> None:
         try:
-            prediction = await asyncio.wait_for(create, timeout=self.settings.prefer_wait + 10.0)
+            prediction = await asyncio.wait_for(create, timeout=self._create_wait())
         except (TimeoutError, BackendError):
             return  # no prediction was made, or we will never learn its id (Cancel-After still stops it)
-        await self._cancel(prediction)
+        await best_effort(self._cancel(prediction), self.cancel_timeout)
 
     async def _cancel(self, prediction: Prediction) -> None:
-        """Best effort: one short POST to the cancel URL; failures are ignored."""
-        if prediction.terminal or prediction.id is None or self._client is None:
+        """One POST to the prediction's cancel URL (callers bound it and ignore its failures)."""
+        if prediction.terminal or prediction.id is None:
             return
         url = self._api_url(prediction.urls.get("cancel"), f"/v1/predictions/{prediction.id}/cancel")
-        await best_effort(send(self._client, self._client.build_request("POST", url, headers=self._auth),
-                               StageClock(), backend=self.spec.name, secrets=self._secrets),
-                          self.settings.cancel_timeout)
+        await self.send("POST", url, StageClock())
 
     # -- helpers --------------------------------------------------------------------------------------------
 

@@ -83,7 +83,7 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
         return types.MappingProxyType(
             {coerce(args[0], k, _join(path, k)): coerce(args[1], v, _join(path, k)) for k, v in value.items()}
         )
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, path)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

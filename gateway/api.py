@@ -10,8 +10,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import orjson
 
@@ -33,12 +32,6 @@ _KNOWN = frozenset(
 HEADER_FIELDS = {f"x-imagegate-{name.replace('_', '-')}": name for name in _EXTENSIONS}
 
 
-@dataclass(frozen=True, slots=True)
-class Parsed:
-    request: ImageRequest
-    max_cost_usd: float | None
-
-
 class HeaderText(str):
     """A value that arrived as ``X-Imagegate-*`` header text, not as a JSON value.
 
@@ -58,7 +51,13 @@ _BOOL_TEXT = {"true": True, "false": False}
 MAX_TEXT_CHARS = 64  # what a rejected value's echo and the matchers above ever look at
 
 
-def number(value: object, key: str, lo: float, hi: float, *, integer: bool) -> Any:
+@overload
+def number(value: object, key: str, lo: float, hi: float, *, integer: Literal[True]) -> int: ...
+@overload
+def number(value: object, key: str, lo: float, hi: float, *, integer: Literal[False]) -> float: ...
+
+
+def number(value: object, key: str, lo: float, hi: float, *, integer: bool) -> int | float:
     """The one number reader, for body values and header text alike.
 
     Accepts a JSON number (an ``int`` that is not a ``bool``; a ``float`` too unless ``integer``) or
@@ -66,21 +65,24 @@ def number(value: object, key: str, lo: float, hi: float, *, integer: bool) -> A
     ±inf, e.g. from ``"1e400"``). Anything else is an ``InvalidRequest`` naming ``key``: never a
     ``ValueError`` escaping as a 500.
     """
-    kind = type(value)
-    if kind is int or (kind is float and not integer):
-        pass
-    elif kind is HeaderText:
-        text = value.strip(" \t")  # type: ignore[attr-defined]
+    got: int | float
+    # ``type(...) is``, not isinstance: bool is an int subclass and must not pass as a number.
+    if type(value) is int:
+        got = value
+    elif type(value) is float and not integer:
+        got = value
+    elif type(value) is HeaderText:
+        text = value.strip(" \t")
         pattern = _INT_TEXT if integer else _FLOAT_TEXT
         if len(text) > MAX_TEXT_CHARS or pattern.fullmatch(text) is None:
             raise InvalidRequest(f"'{key}' must be {'an integer' if integer else 'a number'} (ASCII digits), "
                                  f"got {text[:MAX_TEXT_CHARS]!r}", param=key)
-        value = int(text) if integer else float(text)
+        got = int(text) if integer else float(text)
     else:
         raise InvalidRequest(f"'{key}' must be {'an integer' if integer else 'a number'}", param=key)
-    if not lo <= value <= hi:  # type: ignore[operator]
-        raise InvalidRequest(f"'{key}' must be between {lo} and {hi}, got {value}", param=key)
-    return value
+    if not lo <= got <= hi:
+        raise InvalidRequest(f"'{key}' must be between {lo} and {hi}, got {got}", param=key)
+    return got
 
 
 def flag(value: object, key: str) -> bool:
@@ -89,9 +91,9 @@ def flag(value: object, key: str) -> bool:
     ``0``, ``""``, ``[]``, ``{}``, ``"no"`` are refused rather than read as false: a client that sends them
     means something, and guessing what is how a request silently does the wrong thing."""
     if value is True or value is False:
-        return value  # type: ignore[return-value]
+        return value
     if type(value) is HeaderText:
-        got = _BOOL_TEXT.get(value.strip(" \t"))  # type: ignore[attr-defined]
+        got = _BOOL_TEXT.get(value.strip(" \t"))
         if got is not None:
             return got
     raise InvalidRequest(f"'{key}' must be true or false", param=key)
@@ -99,7 +101,7 @@ def flag(value: object, key: str) -> bool:
 
 def _int(body: Mapping[str, Any], key: str, lo: int, hi: int) -> int | None:
     value = body.get(key)
-    return None if value is None else number(value, key, lo, hi, integer=True)  # type: ignore[no-any-return]
+    return None if value is None else number(value, key, lo, hi, integer=True)
 
 
 def _float(body: Mapping[str, Any], key: str, lo: float, hi: float) -> float | None:
@@ -138,8 +140,10 @@ def parse_generation(
     default_size: str,
     request_id: str,
     deadline: float | None,
-) -> Parsed:
-    """Validate an ``images/generations`` body. ``headers`` keys are lower-case."""
+) -> ImageRequest:
+    """Validate an ``images/generations`` body into the request the rest of the gateway reads, extension
+    fields (``max_cost_usd`` included) and all. ``headers`` keys are lower-case. The output format is
+    decided here, once: OpenAI's ``jpg`` is ``jpeg``, unset is ``png``."""
     try:
         body = orjson.loads(body_bytes)
     except orjson.JSONDecodeError as exc:
@@ -166,7 +170,7 @@ def parse_generation(
 
     width, height = parse_size(_str(body, "size"), default_size)
     output_format = _str(body, "output_format", (*OUTPUT_FORMATS, "jpg")) or "png"
-    request = ImageRequest(
+    return ImageRequest(
         prompt=prompt,
         n=_int(body, "n", 1, 10) or 1,
         width=width,
@@ -184,8 +188,8 @@ def parse_generation(
         user=_str(body, "user"),
         request_id=request_id,
         deadline=deadline,
+        max_cost_usd=_float(body, "max_cost_usd", 0.0, 1e6),
     )
-    return Parsed(request, _float(body, "max_cost_usd", 0.0, 1e6))
 
 
 def render_images(

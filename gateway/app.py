@@ -1,9 +1,9 @@
 """The ASGI application: the generations hot path, the other endpoints, and the backends' lifecycle.
 
 ``create_app(config)`` returns an ASGI app. On start-up (the ASGI lifespan) every backend's ``start()``
-runs in the background; start-up waits up to ``server.startup_wait_s`` for them, so quick backends are
-ready when the server starts listening and slow ones (model loading, compilation) keep going while
-``/healthz`` answers and ``/readyz`` reports progress.
+runs in the background; start-up waits up to ``server.startup_wait_s`` (routes.yaml) for them, so quick
+backends are ready when the server starts listening and slow ones (model loading, compilation) keep going
+while ``/healthz`` answers and ``/readyz`` reports progress.
 
 Endpoints: ``POST /v1/images/generations``, ``GET /v1/models``, ``GET /v1/config`` (redacted),
 ``GET /v1/images/files/{id}``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics``.
@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from backends import errors, registry
 from backends.base import Backend
@@ -38,7 +39,6 @@ from gateway.metrics import Metrics
 from gateway.stats import StatsBook
 
 GENERATIONS = "/v1/images/generations"
-STARTUP_WAIT_S = float(os.environ.get("IMAGEGATE_STARTUP_WAIT_S", "60"))
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -83,7 +83,7 @@ class Gateway:
             lifespan=self._lifespan,
         )
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The hot path bypasses Starlette's routing and request objects entirely.
         if scope["type"] == "http" and scope["path"] == GENERATIONS and scope["method"] == "POST":
             await self.generations(scope, receive, send)
@@ -98,7 +98,7 @@ class Gateway:
                       disabled=dict(self.config.disabled))
         self._start_tasks = [asyncio.create_task(self._start(name, b)) for name, b in self.backends.items()]
         if self._start_tasks:
-            await asyncio.wait(self._start_tasks, timeout=STARTUP_WAIT_S)
+            await asyncio.wait(self._start_tasks, timeout=self.config.server.startup_wait_s)
         try:
             yield
         finally:
@@ -201,7 +201,7 @@ class Gateway:
         return _json({"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
                                 "code": str(exc.status_code)}}, exc.status_code)
 
-    def _base_url(self, scope: dict[str, Any]) -> str:
+    def _base_url(self, scope: Scope) -> str:
         """Where image links point: ``server.public_url``, else the address this server is bound to (the
         socket's own address, so the interface the client reached). Never the request's ``Host`` header:
         any client can send any Host, and the link would then send the image's reader elsewhere."""

@@ -68,6 +68,9 @@ class ServerConfig:
     max_retry_after_s: float = 30.0
     cooldown_failures: int = 3  # consecutive retryable failures before a backend is demoted
     cooldown_s: float = 15.0
+    # How long start-up waits for the backends' start() before the server listens anyway; slower ones
+    # (model loading, compilation) keep starting while /readyz reports their progress.
+    startup_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not _SIZE.match(self.default_size):
@@ -80,6 +83,8 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise SettingsError(name, "must be above 0")
+        if self.startup_wait_s < 0:
+            raise SettingsError("startup_wait_s", "must be 0 or more")
         if self.max_header_bytes < 1024:
             raise SettingsError("max_header_bytes", "must be at least 1024")
         if self.limit_concurrency is not None and self.limit_concurrency < 1:
@@ -212,7 +217,8 @@ class Config:
     def redacted(self) -> dict[str, Any]:
         """The configuration as written, ``${VAR}`` references kept, every credential masked: values from the
         environment, URL userinfo, header values, secret-looking free-form values (``gateway.redact``)."""
-        return redact_config(self.raw, self.secrets)
+        redacted: dict[str, Any] = redact_config(self.raw, self.secrets)  # a mapping in, a dict out
+        return redacted
 
 
 def _interpolate(value: Any, path: str, secrets: list[str]) -> Any:
@@ -292,9 +298,11 @@ def _parse(doc: Any, source: str) -> Config:
     raw_tiers = doc.get("tiers") or {}
     if not isinstance(raw_tiers, Mapping):
         raise SettingsError("tiers", "must be a mapping of name → tier")
-    tiers = {
-        str(name): build(Tier, {**(raw or {}), "name": str(name)}, f"tiers.{name}") for name, raw in raw_tiers.items()
-    }
+    tiers: dict[str, Tier] = {}
+    for name, raw in raw_tiers.items():
+        if isinstance(raw, Mapping) and "name" in raw:  # it would be overwritten by the key: refuse, not ignore
+            raise SettingsError(f"tiers.{name}.name", "unknown key (a tier is named by its key under tiers)")
+        tiers[str(name)] = build(Tier, {**(raw or {}), "name": str(name)}, f"tiers.{name}")
     claimed: dict[str, str] = {}
     for tier in tiers.values():
         for quality in tier.qualities:
@@ -313,9 +321,9 @@ def _parse(doc: Any, source: str) -> Config:
     for i, raw in enumerate(raw_routes):
         path = f"routes[{i}]"
         route = build(Route, raw, path)
-        for tier in route.match.tiers:
-            if tier not in tiers:
-                raise SettingsError(f"{path}.match.tiers", f"{tier!r} is not a tier")
+        for tier_name in route.match.tiers:
+            if tier_name not in tiers:
+                raise SettingsError(f"{path}.match.tiers", f"{tier_name!r} is not a tier")
         for size in route.match.sizes:
             if not _SIZE.match(size):
                 raise SettingsError(f"{path}.match.sizes", f"{size!r} is not WIDTHxHEIGHT")

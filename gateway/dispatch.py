@@ -5,14 +5,17 @@
              ─► single attempt (concurrency limit, per-attempt timeout, wire timing, output check)
              ─► backend.generate
 
-The output check belongs to the attempt: every image must be a decodable image of the format the client
-asked for (transcoded in a thread when it is not), so an unreadable answer is that backend's failure
+The output format is decided here, once per candidate (``asked_format``): the backend is asked for the client's
+format when it produces it, else for one it does, and the gateway converts. The output check belongs to
+the attempt: every image must be a decodable image of the format the client asked for (converted in a
+thread when it is not, or when a compression was asked), so an unreadable answer is that backend's failure
 (``BackendProtocolError``) and the request falls through to the next candidate. A queue that is full
 (``BackendQueueFull``, this dispatcher's own ``max_concurrency`` included) falls through at once; only an
 upstream that asked us to wait (``BackendOverloaded`` with Retry-After) is retried in place.
 
 Everything happens within the request's deadline. The error class of a failure decides what happens next
-(see ``backends.errors``); the result or the final error carries the list of attempts.
+(see ``backends.errors``). The dispatcher reads the request from the ``RequestContext`` and records there
+what it decides (route, tier, attempts, timing, who served at what cost); the final error is raised as is.
 """
 
 from __future__ import annotations
@@ -21,10 +24,9 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from backends import imaging
-from backends.base import Backend, ImageRequest, ImageResult, StageClock
+from backends.base import Backend, Capabilities, ImageRequest, ImageResult, StageClock
 from backends.errors import (
     AllCandidatesFailed,
     AllCandidatesOverloaded,
@@ -38,39 +40,38 @@ from backends.errors import (
     CallerError,
     DeadlineExceeded,
     ImagegateError,
+    PolicyError,
     scrub,
 )
 from gateway import router
 from gateway.config import Config
+from gateway.context import RequestContext
 from gateway.cost import settle
 from gateway.logs import get_logger
 from gateway.stats import StatsBook
-from gateway.timing import RequestTiming
 
-# Outcomes after which "every backend is busy, come back later" (503 + Retry-After) is the honest answer.
 _log = get_logger("imagegate.dispatch")
+# Outcomes after which "every backend is busy, come back later" (503 + Retry-After) is the honest answer.
 _OVERLOADED = frozenset(f"{c.family}.{c.code}" for c in (BackendOverloaded, BackendQueueFull))
 # Called after every attempt:
 # (backend, outcome label, seconds waited on the backend, backend-reported stage seconds)
 AttemptHook = Callable[[str, str, float, Mapping[str, float]], None]
 
 
-@dataclass(frozen=True, slots=True)
-class Served:
-    result: ImageResult
-    backend: str
-    route: str
-    tier: str | None
-    cost_usd: float | None
-    attempts: tuple[AttemptRecord, ...]
+def asked_format(request: ImageRequest, capabilities: Capabilities) -> str:
+    """The format to ask a backend for, decided once per candidate (see ``Capabilities``).
 
-
-class DispatchFailed(Exception):
-    """Carries the final vocabulary error plus what was known about routing when it happened."""
-
-    def __init__(self, error: ImagegateError, route: str | None, attempts: tuple[AttemptRecord, ...]) -> None:
-        super().__init__(error.message)
-        self.error, self.route, self.attempts = error, route, attempts
+    The client's format when the backend produces it and no ``output_compression`` was asked: its images
+    then pass through untouched. Otherwise the gateway re-encodes once, so it asks for lossless PNG where
+    the backend produces it (no lossy generation before the client's own), else the client's format, else
+    the backend's first. The gateway, not the backend, applies ``output_compression``: one meaning (JPEG and
+    WebP quality 100 - compression, PNG zlib level) whatever the backend."""
+    fmt, produced = request.output_format, capabilities.output_formats
+    if request.output_compression is None and fmt in produced:
+        return fmt
+    if "png" in produced:
+        return "png"
+    return fmt if fmt in produced else produced[0]
 
 
 class Dispatcher:
@@ -87,48 +88,57 @@ class Dispatcher:
         self.on_attempt = on_attempt
         self._limits = {name: asyncio.Semaphore(b.spec.max_concurrency) for name, b in config.backends.items()}
 
-    async def dispatch(self, request: ImageRequest, timing: RequestTiming, max_cost_usd: float | None) -> Served:
-        """Serve ``request`` or raise ``DispatchFailed``."""
-        route_name = None
-        attempts: list[AttemptRecord] = []
-        try:
-            tier = router.resolve_tier(request, self.config)
-            route = router.select_route(request, tier, self.config)
-            route_name = route.name  # known even when no candidate survives ranking
-            plan = router.rank(request, route, tier, self.config, self.stats.snapshot(), time.monotonic(),
-                               max_cost_usd)
-            return await self._fallback_chain(request, plan, timing, attempts)
-        except ImagegateError as exc:
-            raise DispatchFailed(exc, route_name, tuple(attempts)) from None
+    async def dispatch(self, ctx: RequestContext) -> ImageResult:
+        """Serve ``ctx.request`` (already parsed) or raise the final ``ImagegateError``.
 
-    async def _fallback_chain(
-        self, request: ImageRequest, plan: router.Plan, timing: RequestTiming, attempts: list[AttemptRecord]
-    ) -> Served:
+        Writes to ``ctx`` as it goes: ``route`` and ``tier`` once the router has planned (``route`` also
+        when the plan is a policy error), each failed attempt in ``attempts``, the attempts' backend time
+        in ``timing``, and on success ``backend``, ``result`` and ``cost_usd``."""
+        request = ctx.request
+        if request is None:
+            raise ValueError("dispatch before the request was parsed")
+        try:
+            plan = router.plan(request, self.config, self.stats.snapshot(), time.monotonic())
+        except PolicyError as exc:
+            ctx.route = exc.route  # a route matched; none of its candidates may serve
+            raise
+        ctx.route = plan.route.name
+        ctx.tier = plan.tier.name if plan.tier else None
         last: ImagegateError | None = None
         for cand in plan.candidates:
-            req = dataclasses.replace(request, options=cand.options) if cand.options else request
             try:
-                result = await self._with_retries(req, cand.backend, timing, attempts)
+                result = await self._with_retries(ctx, request, self._request_for(request, cand), cand.backend)
             except ImagegateError as exc:
                 last = exc
                 if not exc.fallback:
                     raise
-                if request.remaining() is not None and request.remaining() <= 0:
+                remaining = request.remaining()
+                if remaining is not None and remaining <= 0:
                     break
                 continue
-            cost = settle(self.config.backends[cand.backend].cost, req, result.usage)
-            tier = plan.tier.name if plan.tier else None
-            return Served(result, cand.backend, plan.route.name, tier, cost, tuple(attempts))
-        raise self._exhausted(attempts, last, request)
+            ctx.backend, ctx.result = cand.backend, result
+            ctx.cost_usd = settle(self.config.backends[cand.backend].cost, request, result.usage)
+            return result
+        raise self._exhausted(ctx.attempts, last, request)
+
+    def _request_for(self, request: ImageRequest, cand: router.Candidate) -> ImageRequest:
+        """``request`` as ``cand``'s backend should serve it: the route's options, the format to produce."""
+        fmt = asked_format(request, self.config.backends[cand.backend].capabilities)
+        if fmt == request.output_format and request.output_compression is None:
+            # The common case: nothing to change but the options.
+            return dataclasses.replace(request, options=cand.options) if cand.options else request
+        return dataclasses.replace(request, options=cand.options, output_format=fmt, output_compression=None)
 
     async def _with_retries(
-        self, request: ImageRequest, name: str, timing: RequestTiming, attempts: list[AttemptRecord]
+        self, ctx: RequestContext, client: ImageRequest, request: ImageRequest, name: str
     ) -> ImageResult:
+        """Attempts on backend ``name``: ``client`` is what the client asked (``ctx.request``), ``request``
+        what the backend is asked (``_request_for``)."""
         server = self.config.server
         tries = 0
         while True:
             try:
-                return await self._attempt(request, name, timing, attempts)
+                return await self._attempt(ctx, client, request, name)
             except BackendError as exc:
                 tries += 1
                 if not exc.retry_same or tries > server.max_retries:
@@ -141,7 +151,7 @@ class Dispatcher:
                 await asyncio.sleep(wait)
 
     async def _attempt(
-        self, request: ImageRequest, name: str, timing: RequestTiming, attempts: list[AttemptRecord]
+        self, ctx: RequestContext, client: ImageRequest, request: ImageRequest, name: str
     ) -> ImageResult:
         backend = self.backends[name]
         limit = self._limits[name]
@@ -166,7 +176,8 @@ class Dispatcher:
                         result = await backend.generate(request, clock)
                         if len(result.images) != request.n:
                             raise BackendFailed(f"{name}: returned {len(result.images)} images, {request.n} asked")
-                        result = await _conform(result, request, name)
+                        # Checked and converted against what the client asked, not what the backend was.
+                        result = await _conform(result, client, name)
                 except TimeoutError:
                     raise BackendTimeout(f"{name}: no answer within {timeout:.1f}s") from None
             usage = result.usage
@@ -178,7 +189,7 @@ class Dispatcher:
             # A full queue is load, not ill health: the router already demotes by estimated wait.
             if isinstance(exc, BackendError) and exc.fallback and not isinstance(exc, BackendQueueFull):
                 self.stats.record_failure(name)
-            attempts.append(AttemptRecord(name, exc.outcome, exc.message, exc.retry_after))
+            ctx.attempts.append(AttemptRecord(name, exc.outcome, exc.message, exc.retry_after))
             raise
         except asyncio.CancelledError:
             outcome = "gateway.client_disconnected"
@@ -189,15 +200,16 @@ class Dispatcher:
             _log.error("backend_bug", backend=name, request_id=request.request_id, exc_info=exc)
             self.stats.record_failure(name)
             message = f"{name}: unexpected {type(exc).__name__}: {scrub(str(exc), self.config.secrets)}"
-            attempts.append(AttemptRecord(name, outcome, message))
+            ctx.attempts.append(AttemptRecord(name, outcome, message))
             raise BackendFailed(message) from None
         finally:
-            timing.absorb(clock)
+            ctx.timing.absorb(clock)
             if self.on_attempt is not None:
                 self.on_attempt(name, outcome, clock.backend_s, clock.stages)
 
+    @staticmethod
     def _exhausted(
-        self, attempts: list[AttemptRecord], last: ImagegateError | None, request: ImageRequest
+        attempts: list[AttemptRecord], last: ImagegateError | None, request: ImageRequest
     ) -> ImagegateError:
         if isinstance(last, CallerError):
             return last
@@ -213,7 +225,8 @@ class Dispatcher:
 
 
 async def _conform(result: ImageResult, request: ImageRequest, name: str) -> ImageResult:
-    """``result`` with every image a verified image of the requested format (see ``imaging.conform``).
+    """``result`` with every image a verified image of the format the client asked for, with its
+    compression (see ``imaging.conform``): the one place output is converted.
 
     The common case (already that format, no compression asked) costs a constant-time framing check per
     image on the event loop and passes the bytes or base64 text on untouched; anything else is decoded

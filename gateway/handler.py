@@ -3,9 +3,12 @@
 Raw ASGI rather than a Starlette endpoint because every microsecond here is overhead the gateway adds to
 every request (request/response object construction, middleware stacks). The path, one way:
 
-    receive body (size-capped) → parse (api) → dispatch (router + policy + backend), watching for the
-    client going away → transcode if the client asked another format (thread) → render (api) → headers
-    (timing closed here) → send → one log line + metrics
+    receive body (size-capped) → parse (api) → dispatch (router + policy + backend, output checked and
+    converted inside the attempt), watching for the client going away → render (api) → headers (timing
+    closed here) → send → one log line + metrics
+
+One ``RequestContext`` carries the request through all of it: created here on arrival, filled in by the
+dispatcher, read back here for the headers, the log line and the metrics.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from backends.base import Image, ImageRequest
+from starlette.types import Receive, Scope, Send
+from structlog.typing import FilteringBoundLogger
+
+from backends.base import Image, ImageRequest, ImageResult
 from backends.errors import (
-    AttemptRecord,
     ClientDisconnected,
     ImagegateError,
     InternalError,
@@ -29,7 +34,9 @@ from backends.errors import (
     UnsupportedMediaType,
 )
 from gateway import api
-from gateway.dispatch import Dispatcher, DispatchFailed, Served
+from gateway.config import ServerConfig
+from gateway.context import RequestContext
+from gateway.dispatch import Dispatcher
 from gateway.images import ImageStore
 from gateway.metrics import Metrics
 from gateway.server import READ_TIMED_OUT, RECEIVED_AT
@@ -51,7 +58,7 @@ class _Watch:
 
     __slots__ = ("task", "receive", "gone", "watcher")
 
-    def __init__(self, task: asyncio.Task[Any], receive: Any) -> None:
+    def __init__(self, task: asyncio.Task[Any], receive: Receive) -> None:
         self.task = task
         self.receive = receive
         self.gone = False
@@ -81,8 +88,8 @@ class GenerationsHandler:
         dispatcher: Dispatcher,
         metrics: Metrics,
         images: ImageStore,
-        log: Any,
-        base_url: Callable[[dict[str, Any]], str],
+        log: FilteringBoundLogger,
+        base_url: Callable[[Scope], str],
     ) -> None:
         self.dispatcher = dispatcher
         self.config = dispatcher.config
@@ -93,20 +100,17 @@ class GenerationsHandler:
         tao = self.config.server.timing_allow_origin
         self._static_headers = [_JSON] + ([(b"timing-allow-origin", tao.encode("latin-1"))] if tao else [])
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         extensions = scope.get("extensions")
         received_at = extensions.get(RECEIVED_AT) if extensions else None
-        timing = RequestTiming(received_at)
+        timing = RequestTiming(received_at)  # first: the clock covers everything the gateway does
         server = self.config.server
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         incoming_id = headers.get("x-request-id")
         # 128 random bits as 32 hex digits (what uuid4().hex gives, without building a UUID object).
         request_id = incoming_id if incoming_id and _REQUEST_ID.match(incoming_id) else os.urandom(16).hex()
-        request: ImageRequest | None = None
-        served: Served | None = None
+        ctx = RequestContext(request_id, timing)
         error: ImagegateError | None = None
-        route: str | None = None
-        attempts: tuple[AttemptRecord, ...] = ()
         try:
             if received_at is not None:
                 # Under ``GatewayHttpProtocol`` (it stamps the arrival): the protocol enforces the read
@@ -114,24 +118,20 @@ class GenerationsHandler:
                 body = await self._read_body(headers, receive, server.max_body_bytes)
             else:
                 body = await self._read_body_within(headers, receive, server)
-            parsed = api.parse_generation(
+            ctx.request = request = api.parse_generation(
                 body, headers, default_size=server.default_size, request_id=request_id,
                 deadline=time.monotonic() + server.default_deadline_s,
             )
-            request = parsed.request
-            served = await self._dispatch_watching(request, timing, parsed.max_cost_usd, receive)
-            route, attempts = served.route, served.attempts
-            payload = await self._render(served, request, scope)
+            result = await self._dispatch_watching(ctx, receive)
+            payload = self._render(result, request, scope)
             status = 200
         except _Disconnected:
             if extensions and extensions.get(READ_TIMED_OUT):  # the protocol already answered 408
                 error = RequestTimeout(f"request body not received within {server.body_timeout_s:g} s")
             else:
                 error = ClientDisconnected("the client went away before the answer was ready")
-            self._finish(timing, request_id, request, None, error, route, attempts)
+            self._finish(ctx, error)
             return
-        except DispatchFailed as exc:
-            error, route, attempts = exc.error, exc.route, exc.attempts
         except ImagegateError as exc:
             error = exc
         except Exception:  # never a traceback in a response; the log line says what happened
@@ -142,15 +142,15 @@ class GenerationsHandler:
 
         out = list(self._static_headers)
         out.append((b"x-request-id", request_id.encode("latin-1")))
-        out.append((b"x-route", (route or "none").encode()))
-        out.append((b"x-backend", (served.backend if served else (attempts[-1].backend if attempts else "none")).encode()))
-        out.append((b"x-attempts", str(len(attempts) + (1 if served else 0)).encode()))
-        if served is not None:
-            out.append((b"x-cost-usd", b"unknown" if served.cost_usd is None else f"{served.cost_usd:.6f}".encode()))
-            if served.tier:
-                out.append((b"x-tier", served.tier.encode()))
+        out.append((b"x-route", (ctx.route or "none").encode()))
+        out.append((b"x-backend", (ctx.last_backend or "none").encode()))
+        out.append((b"x-attempts", str(ctx.attempt_count).encode()))
+        if ctx.result is not None:
+            out.append((b"x-cost-usd", b"unknown" if ctx.cost_usd is None else f"{ctx.cost_usd:.6f}".encode()))
+            if ctx.tier:
+                out.append((b"x-tier", ctx.tier.encode()))
         else:
-            out.append((b"x-cost-usd", b"unknown" if attempts else b"0"))
+            out.append((b"x-cost-usd", b"unknown" if ctx.attempts else b"0"))
         if error is not None and error.retry_after is not None:
             out.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
         out.append((b"content-length", str(len(payload)).encode()))
@@ -159,9 +159,9 @@ class GenerationsHandler:
         out.append((b"x-gateway-overhead-ms", f"{timing.gateway_s * 1e3:.3f}".encode()))
         await send({"type": "http.response.start", "status": status, "headers": out})
         await send({"type": "http.response.body", "body": payload})
-        self._finish(timing, request_id, request, served, error, route, attempts)
+        self._finish(ctx, error)
 
-    async def _read_body(self, headers: dict[str, str], receive: Any, limit: int) -> bytes:
+    async def _read_body(self, headers: dict[str, str], receive: Receive, limit: int) -> bytes:
         ctype = headers.get("content-type")
         if ctype is not None and ctype.split(";", 1)[0].strip().lower() != "application/json":
             raise UnsupportedMediaType(f"Content-Type must be application/json, got {ctype[:60]!r}")
@@ -174,7 +174,7 @@ class GenerationsHandler:
             if len(declared) > 18 or int(declared) > limit:
                 raise PayloadTooLarge(f"request body over the {limit}-byte limit")
         message = await receive()
-        body = message.get("body", b"")
+        body: bytes = message.get("body", b"")
         size = len(body)
         # Capped by bytes received, whatever the framing: a chunked body (no Content-Length) that arrived
         # before the app first asked is handed over whole, in this one message.
@@ -189,14 +189,14 @@ class GenerationsHandler:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise _Disconnected
-            chunk = message.get("body", b"")
+            chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"request body over the {limit}-byte limit")
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _read_body_within(self, headers: dict[str, str], receive: Any, server: Any) -> bytes:
+    async def _read_body_within(self, headers: dict[str, str], receive: Receive, server: ServerConfig) -> bytes:
         """``_read_body`` under a server that sets no read deadline (stock uvicorn, other ASGI servers)."""
         try:
             async with asyncio.timeout(server.body_timeout_s):
@@ -204,18 +204,19 @@ class GenerationsHandler:
         except TimeoutError:
             raise RequestTimeout(f"request body not received within {server.body_timeout_s:g} s") from None
 
-    async def _dispatch_watching(
-        self, request: ImageRequest, timing: RequestTiming, max_cost: float | None, receive: Any
-    ) -> Served:
+    async def _dispatch_watching(self, ctx: RequestContext, receive: Receive) -> ImageResult:
         """Run the dispatch; if the client disconnects meanwhile, cancel it (which cancels remote work).
 
         The dispatch runs in this task; a watcher task (waiting for ``http.disconnect``) is started only
         once the dispatch has taken ``WATCH_AFTER_S``: a fast answer never pays for a second task, and a
         slow one (image generation takes seconds) learns of a disconnect at most that much later."""
-        watch = _Watch(asyncio.current_task(), receive)  # type: ignore[arg-type]
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - an ASGI app is always called from a task
+            raise RuntimeError("the generations handler must run in an asyncio task")
+        watch = _Watch(task, receive)
         handle = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch.start)
         try:
-            return await self.dispatcher.dispatch(request, timing, max_cost)
+            return await self.dispatcher.dispatch(ctx)
         except asyncio.CancelledError:
             if watch.gone:
                 watch.task.uncancel()
@@ -225,10 +226,10 @@ class GenerationsHandler:
             handle.cancel()
             watch.stop()
 
-    async def _render(self, served: Served, request: ImageRequest, scope: dict[str, Any]) -> bytes:
-        # Only renders: the dispatcher verified (and, where needed, transcoded) every image inside the
+    def _render(self, result: ImageResult, request: ImageRequest, scope: Scope) -> bytes:
+        # Only renders: the dispatcher verified (and, where needed, converted) every image inside the
         # attempt, so an unreadable answer already fell through to the next backend.
-        images = served.result.images
+        images = result.images
         if request.response_format != "url":
             return api.render_images(images, "b64_json", _no_url)
         base = self.base_url(scope)
@@ -239,33 +240,26 @@ class GenerationsHandler:
             return image.url
         return f"{base}/v1/images/files/{self.images.put(image.as_bytes(), image.format)}"
 
-    def _finish(
-        self,
-        timing: RequestTiming,
-        request_id: str,
-        request: ImageRequest | None,
-        served: Served | None,
-        error: ImagegateError | None,
-        route: str | None,
-        attempts: tuple[AttemptRecord, ...],
-    ) -> None:
+    def _finish(self, ctx: RequestContext, error: ImagegateError | None) -> None:
+        """Metrics and the access log line, from the context alone."""
+        timing, request, result = ctx.timing, ctx.request, ctx.result
         outcome = "ok" if error is None else error.outcome
-        backend = served.backend if served else ""
-        images = len(served.result.images) if served else 0
-        fallback = bool(served and served.attempts)
-        self.metrics.observe_request(route or "none", backend or "none", outcome, timing.total_s,
-                                     timing.gateway_s, served.cost_usd if served else None, images, fallback)
+        images = len(result.images) if result is not None else 0
+        route = ctx.route
+        self.metrics.observe_request(route or "none", ctx.backend or "none", outcome, timing.total_s,
+                                     timing.gateway_s, ctx.cost_usd, images, result is not None and bool(ctx.attempts))
         if not self.config.server.access_log:
             return
         fields: dict[str, Any] = {
-            "request_id": request_id, "route": route, "backend": backend or None, "outcome": outcome,
-            "status": 200 if error is None else error.status, "attempts": len(attempts) + (1 if served else 0),
+            "request_id": ctx.request_id, "route": route, "backend": ctx.backend, "outcome": outcome,
+            "status": 200 if error is None else error.status, "attempts": ctx.attempt_count,
             "total_ms": round(timing.total_s * 1e3, 3), "gateway_ms": round(timing.gateway_s * 1e3, 3),
             "backend_ms": round(timing.backend_s * 1e3, 3),
-            "cost_usd": served.cost_usd if served else None, "images": images,
+            "cost_usd": ctx.cost_usd, "images": images,
         }
         if request is not None:
-            fields.update(size=request.size, n=request.n, tier=served.tier if served else request.tier)
+            # The tier the router resolved, once it did; before that, the one asked for.
+            fields.update(size=request.size, n=request.n, tier=ctx.tier or request.tier)
             if self.config.server.log_prompts:
                 fields["prompt"] = request.prompt
         if error is not None:

@@ -6,16 +6,20 @@ never prompts, users or keys. Label children are cached so the hot path does no 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from backends.base import Backend
 
+_M = TypeVar("_M", bound=MetricWrapperBase)
+
 # The *_created series double the scrape size and nobody graphs them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
 # Image generation takes seconds to minutes: Prometheus' default buckets stop at 10 s.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
@@ -69,35 +73,32 @@ class Metrics:
                                 ["backend"], registry=r)
         if backends is not None:
             r.register(_LoadCollector(backends))
-        self._children: dict[tuple[object, ...], object] = {}
+        self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
 
-    def _child(self, metric: object, *labels: str) -> object:
+    def _child(self, metric: _M, *labels: str) -> _M:
         key = (id(metric), *labels)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = metric.labels(*labels)  # type: ignore[attr-defined]
-        return child
+            child = self._children[key] = metric.labels(*labels)
+        return child  # type: ignore[return-value]  # keyed by the metric's id: the child is of its type
 
     def observe_attempt(self, backend: str, outcome: str, seconds: float, stages: Mapping[str, float]) -> None:
-        self._child(self.attempts, backend, outcome).inc()  # type: ignore[attr-defined]
-        self._child(self.backend_latency, backend, outcome).observe(seconds)  # type: ignore[attr-defined]
+        self._child(self.attempts, backend, outcome).inc()
+        self._child(self.backend_latency, backend, outcome).observe(seconds)
         for stage, stage_s in stages.items():
-            self._child(self.stages, backend, stage).observe(stage_s)  # type: ignore[attr-defined]
+            self._child(self.stages, backend, stage).observe(stage_s)
 
     def observe_request(
         self, route: str, backend: str, outcome: str, total_s: float, gateway_s: float,
         cost: float | None, images: int, fallback: bool,
     ) -> None:
-        self._child(self.requests, route, backend, outcome).inc()  # type: ignore[attr-defined]
-        self._child(self.duration, route, outcome).observe(total_s)  # type: ignore[attr-defined]
-        self._child(self.overhead, route).observe(gateway_s)  # type: ignore[attr-defined]
+        self._child(self.requests, route, backend, outcome).inc()
+        self._child(self.duration, route, outcome).observe(total_s)
+        self._child(self.overhead, route).observe(gateway_s)
         if fallback:
-            self._child(self.fallbacks, route).inc()  # type: ignore[attr-defined]
+            self._child(self.fallbacks, route).inc()
         if images and backend:
             if cost is None:
-                self._child(self.unpriced, backend).inc(images)  # type: ignore[attr-defined]
+                self._child(self.unpriced, backend).inc(images)
             else:
-                self._child(self.spend, backend).inc(cost)  # type: ignore[attr-defined]
-
-
-MetricsFactory = Callable[[Mapping[str, Backend]], Metrics]
+                self._child(self.spend, backend).inc(cost)

@@ -1,18 +1,25 @@
 """Which backends may serve a request, in which order. A pure function; no I/O, no HTTP.
 
-``plan(request, config, stats, now)`` → ``Plan``: the matched route, the tier, the ordered candidates and
-the backends left out with the reason. Rules, in order:
+``plan(request, config, stats, now)`` → ``Plan`` is the router's API (the dispatcher calls it once per
+request): the matched route, the tier, the ordered candidates and the backends left out with the reason.
+Rules, in order:
 
-1. Route: the first route whose ``match`` accepts the request's model, tier and size.
-2. Filter: a candidate is dropped if its declared capabilities refuse the request (size, n, steps, format)
-   — an image request is never sent to something that cannot make it — if its quality is below the tier's
-   floor, or if the request set ``max_cost_usd`` and its estimate is above it (or unknown).
-3. Order by strategy: ``fallback`` keeps the configured order; ``cheapest`` sorts by estimated cost
+1. Tier: the request's ``tier``, else a ``model`` naming a tier, else the tier claiming its OpenAI
+   ``quality``, else the default tier.
+2. Route: the first route whose ``match`` accepts the request's model, tier and size.
+3. Filter: a candidate is dropped if its declared capabilities refuse the request (size, n, steps, a
+   negative prompt or seed it would drop) — an image request is never sent to something that cannot
+   make it — if its quality is below the tier's floor, or if the request set ``max_cost_usd`` and its
+   estimate is above it (or unknown).
+4. Order by strategy: ``fallback`` keeps the configured order; ``cheapest`` sorts by estimated cost
    (unknown last); ``fastest`` by observed latency (EWMA, plus the backend's estimated queue wait;
    unmeasured backends first, so they get measured).
-4. Demote (move to the end, keep as last resort): backends not ready, cooling down after repeated
+5. Demote (move to the end, keep as last resort): backends not ready, cooling down after repeated
    failures, or whose estimated queue wait exceeds the tier's latency budget — this is how local GPU work
    spills over to remote backends under load.
+
+Errors: ``InvalidRequest`` (unknown tier) and ``UnknownModel`` before a route is matched; after it, the
+``PolicyError`` raised when no candidate survives (``NoCapableBackend``, ``BudgetExceeded``) names the route.
 """
 
 from __future__ import annotations
@@ -33,8 +40,6 @@ class BackendStats:
     """What the router may know about a backend's recent behaviour (a snapshot)."""
 
     ready: bool = True
-    in_flight: int = 0
-    queue_depth: int = 0
     est_wait_s: float = 0.0
     ewma_latency_s: float | None = None
     ewma_seconds_per_image: float | None = None
@@ -60,9 +65,9 @@ class Plan:
     skipped: tuple[tuple[str, str], ...] = ()
 
 
-def resolve_tier(request: ImageRequest, config: Config) -> Tier | None:
-    """The explicit tier, else a ``model`` that names a tier, else the tier claiming the request's OpenAI
-    ``quality``, else the default tier."""
+def _resolve_tier(request: ImageRequest, config: Config) -> Tier | None:
+    """Rule 1: the explicit tier, else a ``model`` that names a tier, else the tier claiming the request's
+    OpenAI ``quality``, else the default tier."""
     if request.tier is not None:
         tier = config.tiers.get(request.tier)
         if tier is None:
@@ -79,7 +84,8 @@ def resolve_tier(request: ImageRequest, config: Config) -> Tier | None:
     return config.tiers.get(config.default_tier) if config.default_tier else None
 
 
-def select_route(request: ImageRequest, tier: Tier | None, config: Config) -> Route:
+def _select_route(request: ImageRequest, tier: Tier | None, config: Config) -> Route:
+    """Rule 2: the first route matching the request's model, tier and size."""
     model = request.model
     if model is not None and model not in config.models:
         raise UnknownModel(
@@ -105,22 +111,23 @@ def plan(
     config: Config,
     stats: Mapping[str, BackendStats] = MappingProxyType({}),
     now: float = 0.0,
-    max_cost_usd: float | None = None,
 ) -> Plan:
-    tier = resolve_tier(request, config)
-    return rank(request, select_route(request, tier, config), tier, config, stats, now, max_cost_usd)
+    """The plan for ``request`` (rules 1-5 of the module docstring). ``now`` is the ``time.monotonic()``
+    instant cooldowns in ``stats`` are compared with."""
+    tier = _resolve_tier(request, config)
+    return _rank(request, _select_route(request, tier, config), tier, config, stats, now)
 
 
-def rank(
+def _rank(
     request: ImageRequest,
     route: Route,
     tier: Tier | None,
     config: Config,
     stats: Mapping[str, BackendStats] = MappingProxyType({}),
     now: float = 0.0,
-    max_cost_usd: float | None = None,
 ) -> Plan:
-    """Steps 2-4 for an already matched route: filter, order by strategy, demote."""
+    """Rules 3-5 for an already matched route: filter, order by strategy, demote."""
+    max_cost_usd = request.max_cost_usd
     floor = tier.quality_floor if tier else 0.0
     budget_s = tier.latency_budget_s if tier else None
 
@@ -154,8 +161,10 @@ def rank(
     if not kept:
         detail = "; ".join(f"{name}: {why}" for name, why in skipped)
         if over_budget and over_budget == len(skipped):
-            raise BudgetExceeded(f"no backend fits max_cost_usd={max_cost_usd}: {detail}", param="max_cost_usd")
-        raise NoCapableBackend(f"no backend of route {route.name!r} can serve this request: {detail}")
+            raise BudgetExceeded(f"no backend fits max_cost_usd={max_cost_usd}: {detail}", param="max_cost_usd",
+                                 route=route.name)
+        raise NoCapableBackend(f"no backend of route {route.name!r} can serve this request: {detail}",
+                               route=route.name)
 
     if route.strategy == "cheapest":
         kept.sort(key=lambda c: (c.est_cost is None, c.est_cost or 0.0))

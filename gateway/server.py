@@ -4,10 +4,10 @@
 
 1. **One write per response.** uvicorn writes the status line and headers as soon as the app sends
    ``http.response.start`` and the body in a second ``write`` — two ``send`` syscalls, and on loopback or a
-   fast LAN two TCP segments each processed in full by the kernel. Measured on the 2-core benchmark machine
-   that second syscall was about 7% of the gateway's CPU per proxied request. Here the start message is held
-   and written together with the first body chunk. (An app that sends ``start`` and then waits before its
-   first body chunk delays its headers until then; the gateway never does that.)
+   fast LAN two TCP segments each processed in full by the kernel: a fixed cost per response, large next
+   to the rest of the gateway's per-request CPU (benchmarks/README.md has the numbers). Here the start
+   message is held and written together with the first body chunk. (An app that sends ``start`` and then
+   waits before its first body chunk delays its headers until then; the gateway never does that.)
 2. **The clock starts when the request arrives**, not when the ASGI app is first scheduled: the parser's
    ``on_message_begin`` stamps ``time.perf_counter()`` into ``scope["extensions"]["imagegate.received_at"]``,
    which the generations handler uses as the start of its overhead measurement — so the
@@ -331,6 +331,7 @@ def uvicorn_settings(config: Config, *, host: str | None = None, port: int | Non
         http=protocol(),
         ws="none",  # no WebSocket endpoints: an upgrade request is just an HTTP request
         access_log=False,  # the gateway writes its own line per request
+        log_config=None,  # no logging config of uvicorn's own: its loggers propagate to ours (gateway.logs)
         log_level="warning",
         timeout_keep_alive=s.keep_alive_s,
         limit_concurrency=s.limit_concurrency,  # connections + tasks per process before uvicorn answers 503

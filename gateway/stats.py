@@ -58,8 +58,6 @@ class StatsBook:
             load = backend.load()
             out[name] = BackendStats(
                 ready=backend.ready(),
-                in_flight=load.in_flight,
-                queue_depth=load.queue_depth,
                 est_wait_s=load.est_wait_s,
                 ewma_latency_s=live.ewma_latency_s,
                 ewma_seconds_per_image=live.ewma_seconds_per_image,

@@ -13,19 +13,20 @@ from backends.base import StageClock
 
 
 class RequestTiming:
-    __slots__ = ("start", "backend_s", "stages", "attempts", "end")
+    """The request's clock (``gateway.context.RequestContext.timing``): started on arrival, fed each
+    attempt's ``StageClock`` by the dispatcher, closed by the handler just before the response is sent."""
+
+    __slots__ = ("start", "backend_s", "stages", "end")
 
     def __init__(self, start: float | None = None) -> None:
         # ``start``: when the server received the request (``gateway.server``), if it says; else now.
         self.start = start or time.perf_counter()
         self.backend_s = 0.0
         self.stages: dict[str, float] = {}
-        self.attempts = 0
         self.end = 0.0
 
     def absorb(self, clock: StageClock) -> None:
         """Fold one attempt's clock into the request's totals."""
-        self.attempts += 1
         self.backend_s += clock.backend_s
         for name, seconds in clock.stages.items():
             self.stages[name] = self.stages.get(name, 0.0) + seconds

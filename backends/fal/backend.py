@@ -11,44 +11,14 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-import httpx
-
-from backends.base import (
-    BackendSpec,
-    Capabilities,
-    ImageRequest,
-    ImageResult,
-    Load,
-    LoadCounter,
-    StageClock,
-    Usage,
-)
-from backends.errors import (
-    BackendOverloaded,
-    BackendProtocolError,
-    BackendTimeout,
-    BackendUnavailable,
-    scrub,
-)
+from backends.base import BackendSpec, Capabilities, ImageRequest, ImageResult, StageClock
+from backends.errors import BackendOverloaded, BackendProtocolError, BackendTimeout, BackendUnavailable, scrub
 from backends.fal.config import MIN_START_TIMEOUT, FalSettings
-from backends.fal.mapping import (
-    FalOutput,
-    completed_error,
-    error_for,
-    from_output,
-    split_counts,
-    to_inputs,
-)
-from backends.http import OutputFetcher, credentials, json_body, make_client, send
-from backends.remote import (
-    Background,
-    best_effort,
-    fan_out,
-    fetch_images,
-    same_origin,
-)
+from backends.fal.mapping import FalOutput, completed_error, error_for, from_output, split_counts, to_inputs
+from backends.remote import Outputs, RemoteBackend, fan_out, same_origin, usage
 
 MAX_POLL_MISSES = 3  # consecutive transient status-poll failures tolerated while a request is queued/running
 
@@ -59,7 +29,7 @@ class _Call:
     predict_s: float | None
 
 
-class FalBackend:
+class FalBackend(RemoteBackend[FalSettings]):
     """``type: fal``. See the package docstring for the protocol and the error mapping."""
 
     Settings = FalSettings
@@ -76,87 +46,54 @@ class FalBackend:
         return dataclasses.replace(declared, sizes=sizes)
 
     def __init__(self, spec: BackendSpec) -> None:
-        self.spec = spec
-        self.settings: FalSettings = spec.settings
-        self._client: httpx.AsyncClient | None = None  # the API only (the key is set per request)
-        self._fetcher: OutputFetcher | None = None  # output URLs: no credential
-        self._load = LoadCounter()
-        self._cancels = Background()  # shielded remote cancels still in flight
-        s = self.settings
-        self._secrets = credentials(s.key, urls=(s.queue_base_url, s.run_base_url))
-        owner, alias = self.settings.app.split("/")[:2]
-        self._requests_base = f"{self.settings.queue_base_url.rstrip('/')}/{owner}/{alias}/requests"
-
-    async def start(self) -> None:
-        self._client = make_client(self.spec)
-        self._fetcher = OutputFetcher(self.spec)
-
-    async def aclose(self) -> None:
-        await self._cancels.drain(self.settings.cancel_timeout)
-        client, fetcher, self._client, self._fetcher = self._client, self._fetcher, None, None
-        if client is not None:
-            await client.aclose()
-        if fetcher is not None:
-            await fetcher.aclose()
-
-    def ready(self) -> bool:
-        return self._client is not None
-
-    def load(self) -> Load:
-        return self._load.snapshot()
+        s: FalSettings = spec.settings
+        owner, alias = s.app.split("/")[:2]
+        self._requests_base = f"{s.queue_base_url.rstrip('/')}/{owner}/{alias}/requests"
+        # No base URL: the API spans two origins (queue and run), and the queue answers with absolute URLs.
+        super().__init__(spec, key=s.key, key_scheme="Key ", urls=(s.queue_base_url, s.run_base_url),
+                         outputs=Outputs(s.allowed_output_hosts, s.max_output_bytes, s.output_timeout),
+                         cancel_timeout=s.cancel_timeout)
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
-        if self._client is None:
-            raise BackendUnavailable(f"{self.spec.name}: not started")
         s = self.settings
         inputs = to_inputs(request, s.input)
-        with self._load.track():
+        with self.loads.track():
             # Side by side: the clock gets the slowest call's wait and stages, not their sum.
-            calls = await fan_out([lambda k, p=p: self._call(p, request, k) for p in inputs], clock)
+            calls = await fan_out([partial(self._call, p, request) for p in inputs], clock)
             counts = split_counts(request.n, s.input)
             refs = [ref for call, n in zip(calls, counts) for ref in call.output.images[:n]]
             if len(refs) < request.n:
-                raise BackendProtocolError(f"{self.spec.name}: asked for {request.n} images, got {len(refs)}")
-            if self._fetcher is None:
-                raise BackendUnavailable(f"{self.spec.name}: not started")
-            images = await fetch_images(self._fetcher, [r.url for r in refs], clock, backend=self.spec.name,
-                                        allowed_hosts=s.allowed_output_hosts, max_bytes=s.max_output_bytes,
-                                        timeout=s.output_timeout)
-        predict = [c.predict_s for c in calls if c.predict_s is not None]
+                raise BackendProtocolError(f"{self.name}: asked for {request.n} images, got {len(refs)}")
+            images = await self.fetch([r.url for r in refs], clock)
         megapixels = sum((r.width or request.width) * (r.height or request.height) for r in refs) / 1e6
-        usage = Usage(images=len(refs), megapixels=megapixels, steps=request.steps,
-                      predict_seconds=sum(predict) if predict else None)
-        return ImageResult(tuple(images), usage)
+        return ImageResult(tuple(images), usage(request, len(refs), megapixels=megapixels,
+                                                predict=(c.predict_s for c in calls)))
 
     # -- one fal call ---------------------------------------------------------------------------------
 
-    def _auth(self) -> dict[str, str]:
-        return {"Authorization": f"Key {self.settings.key}"}
-
     def _start_headers(self, request: ImageRequest) -> tuple[dict[str, str], bool]:
-        """Auth plus ``X-Fal-Request-Timeout``; also whether the deadline (not start_timeout) set it."""
-        headers = self._auth()
+        """``X-Fal-Request-Timeout``, and whether the deadline (not start_timeout) set it."""
+        headers: dict[str, str] = {}
         limit, remaining = self.settings.start_timeout, request.remaining()
         deadline_bound = remaining is not None and (limit is None or remaining <= limit)
         value = remaining if deadline_bound else limit
         if value is not None:
             if value <= MIN_START_TIMEOUT:
-                raise BackendTimeout(f"{self.spec.name}: too little time left to start a fal request")
+                raise BackendTimeout(f"{self.name}: too little time left to start a fal request")
             headers["X-Fal-Request-Timeout"] = f"{value:.3f}"
         return headers, deadline_bound
 
     async def _api(self, method: str, url: str, clock: StageClock, *, deadline_bound: bool = True,
-                   **kwargs: Any) -> Any:
-        assert self._client is not None
-        kwargs.setdefault("headers", self._auth())
-        response = await send(self._client, self._client.build_request(method, url, **kwargs), clock,
-                              backend=self.spec.name, secrets=self._secrets)
-        error = error_for(response, backend=self.spec.name, secrets=self._secrets, deadline_bound=deadline_bound)
+                   headers: Mapping[str, str] | None = None, json: Any = None,
+                   params: Mapping[str, str] | None = None) -> Any:
+        """One API call whose answer is JSON; fal's errors mapped (see ``mapping.error_for``)."""
+        response = await self.send(method, url, clock, headers=headers, json=json, params=params)
+        error = error_for(response, backend=self.name, secrets=self.secrets, deadline_bound=deadline_bound)
         if error is not None:
             raise error
-        return json_body(response, backend=self.spec.name)
+        return self.json_body(response)
 
-    async def _call(self, payload: dict, request: ImageRequest, clock: StageClock) -> _Call:
+    async def _call(self, payload: dict[str, Any], request: ImageRequest, clock: StageClock) -> _Call:
         """One fal call; reports ``remote_queue``/``remote_predict`` on ``clock`` (this call's own)."""
         headers, deadline_bound = self._start_headers(request)
         if self.settings.mode == "sync":
@@ -176,22 +113,24 @@ class FalBackend:
     def _urls(self, submitted: Any) -> tuple[str, str, str]:
         """status/response/cancel URLs from the submit answer, only if on the queue origin."""
         if not isinstance(submitted, Mapping) or not isinstance(submitted.get("request_id"), str):
-            raise BackendProtocolError(f"{self.spec.name}: submit answer has no request_id")
+            raise BackendProtocolError(f"{self.name}: submit answer has no request_id")
         base = f"{self._requests_base}/{submitted['request_id']}"
-        urls = (submitted.get("status_url") or f"{base}/status", submitted.get("response_url") or base,
-                submitted.get("cancel_url") or f"{base}/cancel")
-        for url in urls:
-            if not isinstance(url, str) or not same_origin(url, self.settings.queue_base_url):
-                self._cancels.spawn(self._put_cancel(f"{base}/cancel"))  # the request exists: don't leave it
-                raise BackendProtocolError(f"{self.spec.name}: queue URL outside {self.settings.queue_base_url}")
-        return urls  # type: ignore[return-value]
+        urls = [submitted.get("status_url") or f"{base}/status", submitted.get("response_url") or base,
+                submitted.get("cancel_url") or f"{base}/cancel"]
+        checked = [url for url in urls if isinstance(url, str) and same_origin(url, self.settings.queue_base_url)]
+        if len(checked) != len(urls):
+            self.cancel_later(self._cancel(f"{base}/cancel"))  # the request exists: don't leave it
+            raise BackendProtocolError(f"{self.name}: queue URL outside {self.settings.queue_base_url}")
+        status_url, response_url, cancel_url = checked
+        return status_url, response_url, cancel_url
 
     async def _follow(self, submitted: Any, request: ImageRequest, clock: StageClock, deadline_bound: bool) -> _Call:
         status_url, response_url, cancel_url = self._urls(submitted)
         started, queue_s, completed = time.monotonic(), None, False
         total_deadline = started + self.spec.timeouts.total
         deadline = min(total_deadline, request.deadline) if request.deadline is not None else total_deadline
-        misses, state = 0, "IN_QUEUE"
+        misses = 0
+        state: object = "IN_QUEUE"  # the last status read, whatever it was (checked below)
         try:
             while True:
                 try:
@@ -209,16 +148,16 @@ class FalBackend:
                     completed = True
                     break
                 if state != "IN_QUEUE" and state != "IN_PROGRESS":
-                    raise BackendProtocolError(f"{self.spec.name}: unknown queue status {scrub(str(state))!r}")
+                    raise BackendProtocolError(f"{self.name}: unknown queue status {scrub(str(state))!r}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise BackendTimeout(f"{self.spec.name}: still {state} at the deadline")
+                    raise BackendTimeout(f"{self.name}: still {state} at the deadline")
                 with clock.waiting():
                     await asyncio.sleep(min(self.settings.poll_interval, left))
             result = await self._result(status, response_url, clock, deadline_bound)
         except BaseException:
             if not completed:
-                await self._cancels.shielded(self._put_cancel(cancel_url))
+                await self.cancel_shielded(self._cancel(cancel_url))
             raise
         metrics = status.get("metrics")
         predict = result.predict_seconds
@@ -226,17 +165,15 @@ class FalBackend:
             predict = float(metrics["inference_time"])
         return _Call(result, predict)
 
-    async def _result(self, status: Mapping, response_url: str, clock: StageClock, deadline_bound: bool) -> FalOutput:
+    async def _result(self, status: Mapping[str, Any], response_url: str, clock: StageClock,
+                      deadline_bound: bool) -> FalOutput:
         body = await self._api("GET", response_url, clock, deadline_bound=deadline_bound)
         # COMPLETED with an error, yet the result URL answered 2xx.
-        error = completed_error(status, backend=self.spec.name, secrets=self._secrets)
+        error = completed_error(status, backend=self.name, secrets=self.secrets)
         if error is not None:
             raise error
         return from_output(body)
 
-    async def _put_cancel(self, url: str) -> None:
-        """Cancel a queued/running request: best effort, within ``cancel_timeout``."""
-        if self._client is None:
-            return
-        await best_effort(self._client.put(url, headers=self._auth(), timeout=self.settings.cancel_timeout),
-                          self.settings.cancel_timeout)
+    async def _cancel(self, url: str) -> None:
+        """``PUT`` the cancel URL of a queued/running request (callers bound it and ignore its failures)."""
+        await self.send("PUT", url, StageClock())

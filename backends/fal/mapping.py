@@ -52,7 +52,8 @@ def image_size(width: int, height: int, mapping: InputMapping) -> str | dict[str
     return dims
 
 
-def to_input(request: ImageRequest, mapping: InputMapping, n: int | None = None, seed: int | None = None) -> dict:
+def to_input(request: ImageRequest, mapping: InputMapping, n: int | None = None,
+             seed: int | None = None) -> dict[str, Any]:
     """The input of one fal call producing ``n`` images (default ``request.n``) with ``seed``."""
     n = request.n if n is None else n
     payload: dict[str, Any] = {"prompt": request.prompt,
@@ -80,7 +81,7 @@ def split_counts(n: int, mapping: InputMapping) -> list[int]:
     return [count for count, _ in seeded_batches(n, mapping.per_call, None)]
 
 
-def to_inputs(request: ImageRequest, mapping: InputMapping) -> list[dict]:
+def to_inputs(request: ImageRequest, mapping: InputMapping) -> list[dict[str, Any]]:
     """One input per fal call (see ``split_counts``), run in parallel. Each call's seed is offset by the
     images before it, so a seeded request gives distinct, reproducible images, not one image n times."""
     return [to_input(request, mapping, n, seed)

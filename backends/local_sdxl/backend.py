@@ -15,7 +15,6 @@ from types import MappingProxyType
 import structlog
 
 from backends.base import (
-    OUTPUT_FORMATS,
     BackendSpec,
     Capabilities,
     ImageRequest,
@@ -28,6 +27,7 @@ from backends.base import (
 from backends.errors import BackendFailed, BackendUnavailable
 from backends.settings import SettingsError
 
+from . import settings as _settings  # for annotations in the class, where Settings / Options are its attributes
 from .settings import Options, Resolved, Settings, available_decoders
 from .worker import Job, JobResult, Worker
 
@@ -54,14 +54,14 @@ class LocalSDXLBackend:
     # -- config-time hooks (see backends.base): routing decisions belong to the router ---------------
 
     @staticmethod
-    def check_options(settings: Settings, options: Options) -> None:
+    def check_options(settings: _settings.Settings, options: _settings.Options) -> None:
         available = available_decoders(settings)
         if options.decoder is not None and options.decoder not in available:
             raise SettingsError("decoder", f"decoder {options.decoder!r} is not available with these settings "
                                            f"(available: {', '.join(available)})")
 
     @staticmethod
-    def capabilities_for(settings: Settings, declared: Capabilities) -> Capabilities:
+    def capabilities_for(settings: _settings.Settings, declared: Capabilities) -> Capabilities:
         """With ``unlisted_shape: refuse`` only the listed shapes can be served: their sizes, and per size
         at most its largest listed batch (within what routes.yaml declared)."""
         if settings.unlisted_shape != "refuse":
@@ -81,12 +81,16 @@ class LocalSDXLBackend:
         return dataclasses.replace(declared, sizes=tuple(served), max_n_per_size=MappingProxyType(served))
 
     def __init__(self, spec: BackendSpec) -> None:
+        # Capabilities are checked in one place, the router. So that nothing needs re-checking per request,
+        # the spec must already say what these settings can serve (the config's specs always do).
+        if self.capabilities_for(spec.settings, spec.capabilities) != spec.capabilities:
+            raise ValueError(f"{spec.name}: with unlisted_shape: refuse, the capabilities must be narrowed to the "
+                             "listed shapes (LocalSDXLBackend.capabilities_for), as the config does")
         self.spec = spec
         self.settings: Settings = spec.settings
         self.description = describe(self.settings)
         self.resolved: Resolved | None = None
         self.worker: Worker | None = None
-        self.startup_s: dict[str, float] = {}
         self._counter = LoadCounter()
         self._ready = False
 
@@ -104,11 +108,12 @@ class LocalSDXLBackend:
             holder["resolved"] = pipeline.resolved
             return pipeline
 
-        # max_batch depends on the device ("auto" shapes); the worker reads it through these closures.
+        # The resolved shapes exist only once the factory ran on the worker thread: padded_batch reads them
+        # through this closure.
         worker = Worker(
             self.spec.name, factory,
             padded_batch=lambda w, h, n: holder["resolved"].padded_batch(w, h, n),
-            max_batch=settings.max_batch or max(s.batch for s in settings.listed_shapes),
+            max_batch=settings.batch_limit,
             max_wait_s=settings.max_wait_ms / 1000.0, queue_size=settings.queue_size)
         self.worker = worker
         pipeline = await asyncio.wrap_future(worker.start())
@@ -137,9 +142,11 @@ class LocalSDXLBackend:
     def make_job(self, request: ImageRequest, loop: asyncio.AbstractEventLoop) -> Job:
         """Turn a planned ``request`` into a queued job.
 
-        The router only plans what the capabilities and the config-checked route options allow, so the
-        checks here are defensive: one that trips is this backend's failure (``BackendFailed``, the next
-        candidate is tried), never the caller's."""
+        What the request may ask is checked before it gets here, once: sizes, n and steps by the router
+        against the capabilities (with ``unlisted_shape: refuse``, only the listed shapes: see ``__init__``),
+        the output format by the dispatcher (one of ``capabilities.output_formats``). Only the decoder is
+        checked here, against what the worker actually loaded: a miss is this backend's failure
+        (``BackendFailed``, the next candidate is tried), never the caller's."""
         settings, resolved = self.settings, self.resolved
         assert resolved is not None and self.worker is not None
         decoder = request.options.get("decoder") or settings.default_decoder
@@ -147,13 +154,7 @@ class LocalSDXLBackend:
         if decoder not in decoders:
             raise BackendFailed(f"{self.spec.name}: decoder {decoder!r} is not loaded "
                                 f"(loaded: {', '.join(decoders)})")
-        if request.output_format not in OUTPUT_FORMATS:
-            raise BackendFailed(f"{self.spec.name}: cannot encode output_format {request.output_format!r}")
         eager = resolved.padded_batch(request.width, request.height, request.n) is None
-        if eager and settings.unlisted_shape == "refuse":
-            raise BackendFailed(
-                f"{self.spec.name}: {request.size} with n={request.n} is not one of the compiled shapes "
-                f"({resolved.describe_shapes()}, as WIDTHxHEIGHTxBATCH) and unlisted_shape is refuse")
         if eager:
             log.warning("local_sdxl.unlisted_shape", backend=self.spec.name, size=request.size, n=request.n,
                         note="running uncompiled")

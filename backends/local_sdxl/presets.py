@@ -17,7 +17,7 @@ This is the only module of the backend that imports diffusers/transformers; it d
 from __future__ import annotations
 
 import importlib.util
-import logging
+import logging  # only to hand diffusers', transformers' and huggingface_hub's loggers to the root logger
 import os
 import threading
 import time
@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import structlog
 import torch
 
 from .scheduler import SDXL_SCHEDULER_CONFIG
@@ -41,7 +42,7 @@ __all__ = [  # noqa: RUF022 - grouped by role
     "DEFAULT_TAESD", "PRESETS", "sdxl_configs", "tiny_configs",
 ]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("imagegate.local_sdxl")
 
 PRESETS = ("tiny", "sdxl-random")
 #: TAESD used with ``model=`` when no ``taesd=`` is given (madebyollin/taesdxl, MIT).
@@ -160,6 +161,39 @@ def import_model_classes() -> None:
         for module, names in ((diffusers, _DIFFUSERS_NAMES), (transformers, _TRANSFORMERS_NAMES)):
             for name in names:
                 getattr(module, name)
+        _hand_over_library_logs()
+
+
+_library_logs_handed_over = False
+
+
+def _hand_over_library_logs() -> None:
+    """Let diffusers', transformers' and huggingface_hub's log records reach the root logger, once.
+
+    diffusers and transformers give their library loggers a stderr handler of their own and stop
+    propagation, and huggingface_hub adds a stderr handler: their warnings (a missing weight, a deprecated
+    argument) would bypass the process's logging set-up (``gateway.logs``: JSON lines on stdout) as plain
+    text on stderr. Here the handlers go and the records propagate (diffusers' and transformers' own API).
+    Their levels stay as the libraries set them (WARNING, or their ``*_VERBOSITY`` variables). Called under
+    ``_IMPORT_LOCK``, after both libraries are imported (they set their loggers up when first imported)."""
+    global _library_logs_handed_over
+    if _library_logs_handed_over:
+        return
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+    hub = logging.getLogger("huggingface_hub")
+    for handler in [h for h in hub.handlers if type(h) is logging.StreamHandler]:  # its default one
+        hub.removeHandler(handler)
+    _library_logs_handed_over = True
+
+
+def _log_progress(line: str) -> None:
+    """The default ``progress`` of :func:`load_components`: the event the backend logs for it too."""
+    log.info("local_sdxl.load_progress", step=line)
 
 
 # --- building ---------------------------------------------------------------------------------------------------
@@ -325,7 +359,7 @@ def load_components(
     preset's random one, or :data:`DEFAULT_TAESD` with ``model``. ``progress`` receives one line per stage.
     Raises :class:`PresetError` for a bad selection and :class:`LoadError` for anything wrong with what loaded.
     """
-    say = progress or log.info
+    say = progress or _log_progress
     if (preset is None) == (model is None):
         raise PresetError("set exactly one of `preset` (tiny, sdxl-random) and `model` (hub id or folder)")
     if preset is not None and preset not in PRESETS:

@@ -57,18 +57,20 @@ class Settings:
     # (CPU half precision is slow and the tiny preset is about correctness, not speed).
     dtype: DType = "auto"
     # VAE. auto = bfloat16 on CUDA: bf16 has fp32's range, so the SDXL VAE does not overflow and needs no
-    # fp32 upcast (the stock pipeline's upcast costs ~4x in decode). float32 for pixel art and hard edges,
+    # fp32 upcast (the stock pipeline's upcast runs the whole decode in fp32). float32 for pixel art and hard edges,
     # where bf16's 8-bit mantissa shows as banding.
     vae_dtype: DType = "auto"
     # torch.compile of the UNet and of VAE/TAESD decode (auto: CUDA only; on CPU a first compile takes
     # minutes). Shapes are pinned (dynamic=False) and every listed shape is compiled at start-up.
     compile: bool | Auto = "auto"
-    # "default" compiles in about a minute per shape; the max-autotune modes search kernels for several
-    # minutes more for a few percent. The graphing modes conflict with ``cuda_graphs`` (see __post_init__).
+    # "default" compiles quickest; the max-autotune modes also benchmark candidate kernels for each shape,
+    # which makes start-up much longer for a small gain. The graphing modes conflict with ``cuda_graphs``
+    # (see __post_init__).
     compile_mode: CompileMode = "default"
     # Inductor flags from the PyTorch SDXL blog: 1x1 convolutions as matmuls (SDXL has many).
     conv_1x1_as_mm: bool = True
-    # Coordinate-descent kernel tuning: ~1-2% faster kernels, noticeably longer compiles.
+    # Coordinate-descent kernel tuning: searches kernel launch parameters, for slightly faster kernels
+    # at the price of noticeably longer compiles.
     coordinate_descent_tuning: bool = False
     # channels_last for UNet and VAE: cuDNN/inductor convolutions are faster in NHWC.
     channels_last: bool | Auto = "auto"
@@ -99,7 +101,8 @@ class Settings:
     embed_cache_size: int = 256
     # Seed of the random weights of the presets (a model's weights do not depend on it).
     seed: int = 0
-    # Warm-up runs per shape and decoder at start-up (first request within a few % of steady state).
+    # Warm-up runs per shape and decoder at start-up, after the compile: they let the allocator and the
+    # kernel caches settle so that the first request runs at steady-state speed.
     warmup_runs: int = 1
 
     def __post_init__(self) -> None:
@@ -125,6 +128,11 @@ class Settings:
     def listed_shapes(self) -> tuple[Shape, ...]:
         return self.shapes or (Shape(1024, 1024, 1),)
 
+    @property
+    def batch_limit(self) -> int:
+        """Most images per device run: ``max_batch``, or when 0 the largest listed batch."""
+        return self.max_batch or max(s.batch for s in self.listed_shapes)
+
     def resolve(self, cuda: bool) -> Resolved:
         """The effective switches for a device (pure; ``cuda`` says whether the device is a GPU)."""
 
@@ -135,16 +143,13 @@ class Settings:
         graphs = on(self.cuda_graphs) and cuda
         if graphs and compile_ and self.compile_mode in _GRAPHING_MODES:
             graphs = False  # "auto" yields to the compile mode's own graphs
-        listed = self.listed_shapes
-        max_batch = self.max_batch or max(s.batch for s in listed)
         return Resolved(
             dtype=(("bfloat16" if cuda else "float32") if self.dtype == "auto" else self.dtype),
             vae_dtype=(("bfloat16" if cuda else "float32") if self.vae_dtype == "auto" else self.vae_dtype),
             compile=compile_,
             channels_last=on(self.channels_last),
             cuda_graphs=graphs,
-            shapes=listed,
-            max_batch=max_batch,
+            shapes=self.listed_shapes,
         )
 
 
@@ -173,7 +178,6 @@ class Resolved:
     channels_last: bool
     cuda_graphs: bool
     shapes: tuple[Shape, ...]
-    max_batch: int
 
     def padded_batch(self, width: int, height: int, images: int) -> int | None:
         """The smallest listed batch of this size that holds ``images``, or None (unlisted)."""

@@ -79,7 +79,6 @@ class JobResult:
     images: tuple[Image, ...]
     stages: dict[str, float]  # queue, text_encode, denoise, decode, encode (seconds)
     gpu_seconds: float
-    batch_images: int
 
 
 class Worker:
@@ -280,11 +279,11 @@ class Worker:
             offset += job.n
             stages = {"queue": start - job.enqueued, **out.stages}
             try:
-                self._encoders.submit(self._finish, job, arrays, stages, out.device_seconds * job.n / total, total)
+                self._encoders.submit(self._finish, job, arrays, stages, out.device_seconds * job.n / total)
             except RuntimeError:  # stop() timed out and shut the encoder pool: the job was answered there
                 self._resolve(job, error=BackendUnavailable(f"{self.name}: shutting down"))
 
-    def _finish(self, job: Job, arrays: list[Any], stages: dict[str, float], gpu_s: float, total: int) -> None:
+    def _finish(self, job: Job, arrays: list[Any], stages: dict[str, float], gpu_s: float) -> None:
         """Encode on the encoder pool, then hand the result to the event loop."""
         if job.cancelled or job.future.cancelled():
             return
@@ -299,7 +298,7 @@ class Worker:
         except Exception as exc:  # noqa: BLE001
             self._resolve(job, error=BackendFailed(f"{self.name}: image encoding failed: {scrub(str(exc))}"))
             return
-        self._resolve(job, result=JobResult(images, stages, gpu_s, total))
+        self._resolve(job, result=JobResult(images, stages, gpu_s))
 
     def _classify(self, exc: Exception, batch: Any) -> ImagegateError:
         message = str(exc)

@@ -78,16 +78,13 @@ def split_calls(request: ImageRequest, settings: Settings) -> list[ImageRequest]
 
 def _field_values(request: ImageRequest, field: str, rows: int) -> list[Any] | None:
     """The per-row values of one request field (None: not set and no default → leave the input out)."""
+    if field == "seed":  # one seed per row
+        return None if request.seed is None else [request.seed + i for i in range(rows)]
     value = {
-        "prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
-        "steps": request.steps, "width": request.width, "height": request.height,
-        "guidance": request.guidance_scale, "n": request.n,
+        "prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
+        "width": request.width, "height": request.height, "guidance": request.guidance_scale, "n": request.n,
     }[field]
-    if value is None:
-        return None
-    if field == "seed":
-        return [value + i for i in range(rows)]
-    return [value] * rows
+    return None if value is None else [value] * rows
 
 
 def _typed(value: Any, datatype: str) -> Any:

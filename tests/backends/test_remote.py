@@ -1,14 +1,138 @@
-"""backends.remote: the machinery the remote backends share (splitting n, fan-out, origins, cancels)."""
+"""backends.remote: the machinery the remote backends share (the base class, splitting n, fan-out, usage,
+origins, cancels)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
-from backends.base import StageClock
-from backends.errors import BackendFailed, BackendTimeout
-from backends.remote import Background, best_effort, fan_out, same_origin, seeded_batches, stop_task
+from backends.base import BackendSpec, ImageRequest, ImageResult, StageClock, Timeouts
+from backends.errors import BackendFailed, BackendTimeout, BackendUnavailable
+from backends.remote import (
+    Background,
+    Outputs,
+    RemoteBackend,
+    best_effort,
+    fan_out,
+    same_origin,
+    seeded_batches,
+    stop_task,
+    usage,
+)
+from tests.fakes.output_host import OutputHost
+from tests.servers import serve_app
+
+# -- RemoteBackend -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Settings:
+    pass
+
+
+class _Backend(RemoteBackend[_Settings]):
+    """A remote backend with no protocol: only what the base gives, and a probe the test controls."""
+
+    Settings = _Settings
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(BackendSpec(name="b", type="kind", settings=_Settings(), timeouts=Timeouts(2, 5, 10)),
+                         **kwargs)
+        self.up = True
+
+    async def probe(self) -> bool:
+        return self.up
+
+    async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
+        raise NotImplementedError
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")
+
+
+async def test_the_api_client_holds_no_credential_each_api_request_carries_it() -> None:
+    host = OutputHost()  # records every header as received, repeats kept
+    with serve_app(host) as base:
+        backend = _Backend(base_url=base, key="sk-remote-key-1234", secret_headers={"X-Tenant": "tenant-secret-99"},
+                           urls=("http://user:pw-in-url@other.example",))
+        await backend.start()
+        try:
+            assert not {"authorization", "x-tenant"} & set(backend.client.headers)
+            await backend.send("GET", "/a", StageClock())
+            await backend.send("GET", "/b", StageClock(), headers={"x-tenant": "per-request"})
+        finally:
+            await backend.aclose()
+    sent = [sorted((k, v) for k, v in r.headers if k in ("authorization", "x-tenant")) for r in host.requests]
+    # A request's own header replaces the configured one of the same name, never doubles it.
+    assert sent == [[("authorization", "Bearer sk-remote-key-1234"), ("x-tenant", "tenant-secret-99")],
+                    [("authorization", "Bearer sk-remote-key-1234"), ("x-tenant", "per-request")]]
+    assert set(backend.secrets) >= {"sk-remote-key-1234", "tenant-secret-99", "pw-in-url"}
+
+
+async def test_outside_start_and_aclose_nothing_is_sent_and_nothing_is_ready() -> None:
+    backend = _Backend(outputs=Outputs(allowed_hosts=()))
+    for _ in range(2):  # before start, then after aclose
+        assert not backend.ready()
+        with pytest.raises(BackendUnavailable, match="b: not started"):
+            await backend.send("GET", "http://127.0.0.1:9/", StageClock())
+        with pytest.raises(BackendUnavailable, match="b: not started"):
+            await backend.fetch(["data:image/png;base64,AAAA"], StageClock())
+        await backend.start()
+        assert backend.ready()
+        await backend.aclose()
+
+
+async def test_readiness_follows_the_probe_and_its_changes_are_logged() -> None:
+    backend = _Backend(health_interval=0.01)
+    backend.up = False
+    with capture_logs() as logs:
+        await backend.start()
+        try:
+            assert not backend.ready()
+            backend.up = True
+            await _until(backend.ready)
+            backend.unreachable()  # a call could not connect: not ready until the next probe says so
+            assert not backend.ready()
+            await _until(backend.ready)
+        finally:
+            await backend.aclose()
+    assert not backend.ready()
+    events = [(e["event"], e.get("ready")) for e in logs]
+    assert events[:2] == [("kind.not_ready_at_start", None), ("kind.ready_changed", True)]
+    assert all(e["backend"] == "b" for e in logs)
+
+
+async def test_without_probing_a_started_backend_stays_ready() -> None:
+    backend = _Backend()  # nothing would bring readiness back, so a failed connect does not drop it
+    backend.up = False  # never asked
+    await backend.start()
+    try:
+        backend.unreachable()
+        assert backend.ready()
+    finally:
+        await backend.aclose()
+
+
+def test_usage_sums_what_the_calls_report() -> None:
+    request = ImageRequest(prompt="p", width=1000, height=500, steps=20)
+    assert usage(request, 3, predict=[1.5, None, 2.0]) == \
+        usage(request, 3, predict=[3.5]) != usage(request, 3)
+    summed = usage(request, 3, predict=[1.5, None, 2.0])
+    assert (summed.images, summed.megapixels, summed.steps, summed.predict_seconds) == (3, 1.5, 20, 3.5)
+    assert usage(request, 2, predict=[None], megapixels=0.25).predict_seconds is None
+    assert usage(request, 2, megapixels=0.25).megapixels == 0.25
+
+
 
 # -- seeded_batches ------------------------------------------------------------------------------------
 

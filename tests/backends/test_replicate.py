@@ -73,15 +73,21 @@ FULL = {"n": 2, "width": 1344, "height": 768, "negative_prompt": "blurry", "step
     ("sdxl", {"prompt": "a red fox", "width": 1344, "height": 768, "num_outputs": 2, "negative_prompt": "blurry",
               "num_inference_steps": 4, "guidance_scale": 3.5, "seed": 7}),
     ("flux_schnell", {"prompt": "a red fox", "aspect_ratio": "16:9", "megapixels": "1", "num_outputs": 2,
-                      "num_inference_steps": 4, "seed": 7, "output_format": "jpg", "output_quality": 80}),
+                      "num_inference_steps": 4, "seed": 7, "output_format": "jpg"}),
     ("flux_dev", {"prompt": "a red fox", "aspect_ratio": "16:9", "megapixels": "1", "num_outputs": 2,
-                  "num_inference_steps": 4, "guidance": 3.5, "seed": 7, "output_format": "jpg",
-                  "output_quality": 80}),
+                  "num_inference_steps": 4, "guidance": 3.5, "seed": 7, "output_format": "jpg"}),
     ("custom", {"prompt": "a red fox"}),
 ])
 def test_to_input_per_family(family, expected):
     mapping = resolve_mapping(family, {}, {})
     assert to_input(req(**{**FULL, "n": 2 if family != "custom" else 1}), mapping) == expected
+
+
+def test_output_compression_is_left_to_the_gateway():
+    # The dispatcher asks a backend for a format and applies the client's compression itself (the requests a
+    # backend gets carry none): no input is fed from it (FULL above sets one), and no setting claims to.
+    with pytest.raises(SettingsError, match="input.quality_field: unknown key"):
+        resolve_mapping("flux_schnell", {"quality_field": "output_quality"}, {})
 
 
 def test_flux_pro_makes_one_image_per_prediction_with_distinct_seeds():

@@ -16,12 +16,13 @@ import numpy as np
 import orjson
 import pytest
 from PIL import Image as PILImage
+from structlog.testing import capture_logs
 
 from backends.base import BackendSpec, Image, ImageRequest, StageClock, Timeouts
 from backends.errors import (
     BackendFailed,
-    BackendQueueFull,
     BackendProtocolError,
+    BackendQueueFull,
     BackendRejected,
     BackendUnavailable,
 )
@@ -457,23 +458,28 @@ async def test_secret_never_in_error_message(fake):
 async def test_connect_refused_marks_not_ready_and_poll_recovers(fake):
     port = free_port()
     b = make_backend(f"http://127.0.0.1:{port}")
-    await b.start()
-    try:
-        assert not b.ready()
-        with pytest.raises(BackendUnavailable):
-            await b.generate(request(), StageClock())
-    finally:
-        await b.aclose()
-    b = make_backend(fake.base)
-    await b.start()
-    try:
-        assert b.ready()
-        fake.ready = False
-        await _until(lambda: not b.ready())
-        fake.ready = True
-        await _until(b.ready)
-    finally:
-        await b.aclose()
+    with capture_logs() as logs:
+        await b.start()
+        try:
+            assert not b.ready()
+            with pytest.raises(BackendUnavailable):
+                await b.generate(request(), StageClock())
+        finally:
+            await b.aclose()
+        b = make_backend(fake.base)
+        await b.start()
+        try:
+            assert b.ready()
+            fake.ready = False
+            await _until(lambda: not b.ready())
+            fake.ready = True
+            await _until(b.ready)
+        finally:
+            await b.aclose()
+    # Through structlog, as every other log line (the changes the poller saw, one line each).
+    assert [(e["event"], e["log_level"], e.get("ready")) for e in logs] == [
+        ("triton.not_ready_at_start", "warning", None),
+        ("triton.ready_changed", "info", False), ("triton.ready_changed", "info", True)]
 
 
 async def test_cancellation_drops_the_connection(fake, backend):

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from tests.fakes.asgi import read_body, send_json
 from tests.fakes.openai_stub import tiny_png
 
 
@@ -26,32 +27,21 @@ class CogFake:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         self.headers_seen.append({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]})
         method, path = scope["method"], scope["path"]
         if method == "GET" and path == "/health-check":
-            await _send(send, 200, {"status": "READY", "setup": {"status": "succeeded"}})
+            await send_json(send, 200, {"status": "READY", "setup": {"status": "succeeded"}})
         elif method == "PUT" and path.startswith("/predictions/"):
             request = orjson.loads(body or b"{}")
             self.predictions.append(request)
-            await _send(send, 200, {
+            await send_json(send, 200, {
                 "id": request.get("id"), "input": request.get("input"), "status": "succeeded",
                 "output": list(self.outputs), "error": None, "logs": "",
                 "metrics": {"predict_time": 0.01},
             })
         elif method == "POST" and path.endswith("/cancel"):
-            await _send(send, 200, {})
+            await send_json(send, 200, {})
         else:
-            await _send(send, 404, {"detail": "Not Found"})
+            await send_json(send, 404, {"detail": "Not Found"})
 
-
-async def _send(send: Any, status: int, payload: Any) -> None:
-    body = orjson.dumps(payload)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})

@@ -29,12 +29,8 @@ class LogSink:
 @contextlib.contextmanager
 def json_logs() -> Iterator[LogSink]:
     """Production JSON logging into a ``LogSink`` for the duration; the previous set-up is restored after."""
-    saved = structlog.get_config()
     sink = LogSink()
-    logs.configure(json=True)
-    structlog.configure(logger_factory=structlog.BytesLoggerFactory(sink.buffer))
-    try:
+    with logs.isolated():  # structlog's config, secrets, the root handler, warnings capture
+        logs.configure(json=True)
+        structlog.configure(logger_factory=structlog.BytesLoggerFactory(sink.buffer))
         yield sink
-    finally:
-        structlog.configure(**saved)
-        logs.set_secrets(())

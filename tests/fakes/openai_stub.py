@@ -17,6 +17,8 @@ from typing import Any
 import orjson
 from PIL import Image as PILImage
 
+from tests.fakes.asgi import read_body
+
 
 def tiny_png(width: int = 8, height: int = 8, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
     buf = io.BytesIO()
@@ -41,12 +43,7 @@ class OpenAIStub:
         if scope["method"] == "GET" and scope["path"].startswith("/files/"):
             await self._send(send, 200, self.image, b"image/png")
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         request = orjson.loads(body) if body else {}
         self.seen.append(request)
         self.headers_seen.append({k.decode(): v.decode() for k, v in scope["headers"]})

@@ -18,30 +18,28 @@ def parse(body, headers=None):
 
 
 def test_minimal_request_gets_openai_defaults():
-    p = parse({"prompt": "a red fox"})
-    r = p.request
+    r = parse({"prompt": "a red fox"})
     assert (r.prompt, r.n, r.width, r.height, r.response_format, r.output_format) == (
         "a red fox", 1, 1024, 1024, "b64_json", "png")
-    assert p.max_cost_usd is None
+    assert r.max_cost_usd is None
 
 
 def test_full_request_with_extensions():
-    p = parse({"prompt": "x", "model": "sdxl", "n": 2, "size": "768x512", "quality": "hd",
+    r = parse({"prompt": "x", "model": "sdxl", "n": 2, "size": "768x512", "quality": "hd",
                "response_format": "url", "output_format": "jpg", "output_compression": 40, "user": "u1",
                "tier": "preview", "seed": 7, "steps": 12, "guidance_scale": 4.5, "negative_prompt": "blurry",
                "max_cost_usd": 0.05, "style": "vivid", "background": "auto"})
-    r = p.request
     assert (r.width, r.height, r.n, r.output_format, r.output_compression) == (768, 512, 2, "jpeg", 40)
     assert (r.tier, r.seed, r.steps, r.guidance_scale, r.negative_prompt) == ("preview", 7, 12, 4.5, "blurry")
-    assert p.max_cost_usd == 0.05
+    assert r.max_cost_usd == 0.05
 
 
 def test_extension_fields_from_headers_body_wins():
     headers = {"x-imagegate-tier": "preview", "x-imagegate-seed": "42", "x-imagegate-steps": "8",
                "x-imagegate-max-cost-usd": "0.01", "x-imagegate-negative-prompt": "text"}
-    p = parse({"prompt": "x", "steps": 20}, headers)
-    assert (p.request.tier, p.request.seed, p.request.steps, p.request.negative_prompt) == ("preview", 42, 20, "text")
-    assert p.max_cost_usd == 0.01
+    r = parse({"prompt": "x", "steps": 20}, headers)
+    assert (r.tier, r.seed, r.steps, r.negative_prompt) == ("preview", 42, 20, "text")
+    assert r.max_cost_usd == 0.01
 
 
 @pytest.mark.parametrize(
@@ -128,12 +126,12 @@ def test_number_headers_accept_only_ascii_decimal_text(text):
 @pytest.mark.parametrize(("text", "seed"), [("7", 7), (" 7\t", 7), ("+7", 7), ("0", 0),
                                            ("9223372036854775807", 2**63 - 1)])
 def test_integer_headers_in_strict_form_are_read(text, seed):
-    assert parse({"prompt": "x"}, {"x-imagegate-seed": text}).request.seed == seed
+    assert parse({"prompt": "x"}, {"x-imagegate-seed": text}).seed == seed
 
 
 @pytest.mark.parametrize(("text", "value"), [("4.5", 4.5), (".5", 0.5), ("5.", 5.0), ("1e1", 10.0), ("-0", 0.0)])
 def test_number_headers_in_strict_form_are_read(text, value):
-    assert parse({"prompt": "x"}, {"x-imagegate-guidance-scale": text}).request.guidance_scale == value
+    assert parse({"prompt": "x"}, {"x-imagegate-guidance-scale": text}).guidance_scale == value
 
 
 @pytest.mark.parametrize("body", [
@@ -155,8 +153,8 @@ def test_stream_must_be_a_json_boolean(value):
 
 
 def test_stream_false_and_null_are_accepted_true_is_refused_clearly():
-    assert parse({"prompt": "x", "stream": False}).request.prompt == "x"
-    assert parse({"prompt": "x", "stream": None}).request.prompt == "x"  # null: not set, like every field
+    assert parse({"prompt": "x", "stream": False}).prompt == "x"
+    assert parse({"prompt": "x", "stream": None}).prompt == "x"  # null: not set, like every field
     with pytest.raises(InvalidRequest, match="not supported"):
         parse({"prompt": "x", "stream": True})
 

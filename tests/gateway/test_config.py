@@ -60,6 +60,16 @@ def test_redacted_view_never_shows_secrets(monkeypatch):
          "at least one"),
         (lambda d: d.replace("name: default", "name: default\n    strategy: random"), "routes[0].strategy",
          "must be one of"),
+        # Issue #9 item 4: every accepted key means something; the rest are refused.
+        (lambda d: d.replace("quality: 0.7", "quality: 0.7\n    capabilities: {output_formats: [gif]}"),
+         "backends.up.capabilities.output_formats[0]", "must be one of 'png', 'jpeg', 'webp'"),
+        (lambda d: d.replace("quality: 0.7", "quality: 0.7\n    capabilities: {output_formats: []}"),
+         "backends.up.capabilities", "at least one format"),
+        (lambda d: d.replace("quality: 0.7", "quality: 0.7\n    capabilities: {seed: maybe}"),
+         "backends.up.capabilities.seed", "true or false"),
+        (lambda d: d.replace("{quality_floor: 0.5,", "{name: gold, quality_floor: 0.5,"), "tiers.standard.name",
+         "unknown key"),
+        (lambda d: "server: {startup_wait_s: -1}\n" + d, "server.startup_wait_s", "0 or more"),
     ],
 )
 def test_invalid_config_names_file_key_and_reason(monkeypatch, mutate, path, reason):

@@ -3,6 +3,8 @@ as structured fields, scrubbed of the config's secrets, without local variables.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import orjson
 import pytest
 
@@ -13,6 +15,13 @@ from tests.fakes.openai_stub import OpenAIStub
 from tests.servers import post_generation, serve_app, serve_gateway, with_env
 
 SECRET = "sk-errlog-SECRET-4b5c6d7e8f"
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """``json_logs`` configures the process's logging, root handler included: undone after each test."""
+    with logs.isolated():
+        yield
 
 
 def _fail_with_the_key(*args: object, **kwargs: object) -> bytes:

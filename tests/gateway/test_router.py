@@ -116,6 +116,7 @@ def test_nothing_capable_is_a_policy_error_naming_the_reasons():
     with pytest.raises(NoCapableBackend) as err:
         plan(req(tier="preview", width=4096, height=4096), cfg)
     assert "cheap: size 4096x4096 exceeds 1024x1024" in err.value.message
+    assert err.value.route == "preview"  # policy errors name the route they were decided in
 
 
 def test_quality_floor_removes_low_quality_backends():
@@ -128,12 +129,12 @@ def test_quality_floor_removes_low_quality_backends():
 
 
 def test_budget_filters_and_unknown_price_cannot_promise_a_budget():
-    p = plan(req(tier="preview"), cfg, max_cost_usd=0.0015)
+    p = plan(req(tier="preview", max_cost_usd=0.0015), cfg)
     assert names(p) == ["cheap"]
     with pytest.raises(BudgetExceeded) as err:
-        plan(req(tier="preview"), cfg, max_cost_usd=0.0001)
-    assert err.value.status == 402
-    p = plan(req(tier="standard"), cfg, max_cost_usd=10)
+        plan(req(tier="preview", max_cost_usd=0.0001), cfg)
+    assert err.value.status == 402 and err.value.route == "preview"
+    p = plan(req(tier="standard", max_cost_usd=10), cfg)
     assert "mystery" not in names(p)
     assert ("mystery", "price unknown, cannot honour max_cost_usd") in p.skipped
 
@@ -205,3 +206,38 @@ def test_shapes_a_strict_local_backend_cannot_serve_go_elsewhere():
     assert names(p) == ["remote"] and p.skipped == (("gpu", "size 48x32 not in 64x64"),)
     p = plan(req(width=64, height=64, n=3), strict)
     assert names(p) == ["remote"] and p.skipped == (("gpu", "n=3 exceeds max_n=2 for 64x64"),)
+
+
+PLAIN = """
+backends:
+  plain:
+    type: openai
+    cost: {per_image: 0.001}
+    capabilities: {negative_prompt: false, seed: false, output_formats: [png]}
+    settings: {base_url: "http://127.0.0.1:9/v1"}
+  full:
+    type: openai
+    cost: {per_image: 0.01}
+    settings: {base_url: "http://127.0.0.1:9/v1"}
+routes:
+  - {name: r, strategy: cheapest, candidates: [{backend: plain}, {backend: full}]}
+"""
+
+
+def test_negative_prompt_and_seed_go_only_where_they_are_taken():
+    """Issue #9 item 4: ``negative_prompt: false`` / ``seed: false`` are read, not silently accepted."""
+    plain = load_config_text(PLAIN, "t")
+    assert names(plan(req(), plain)) == ["plain", "full"]
+    p = plan(req(negative_prompt="blurry"), plain)
+    assert names(p) == ["full"] and p.skipped == (("plain", "takes no negative_prompt"),)
+    p = plan(req(seed=7), plain)
+    assert names(p) == ["full"] and p.skipped == (("plain", "takes no seed"),)
+    assert names(plan(req(negative_prompt=""), plain)) == ["plain", "full"]  # an empty one asks for nothing
+    with pytest.raises(NoCapableBackend, match="plain: takes no seed"):
+        plan(req(seed=7), load_config_text(PLAIN.replace("{backend: plain}, {backend: full}", "{backend: plain}"), "t"))
+
+
+def test_output_formats_are_what_a_backend_produces_not_a_refusal():
+    plain = load_config_text(PLAIN, "t")
+    assert plain.backends["plain"].capabilities.output_formats == ("png",)
+    assert names(plan(req(output_format="webp"), plain)) == ["plain", "full"]  # the gateway converts

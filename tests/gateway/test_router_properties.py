@@ -5,6 +5,7 @@ router's own code (``Capabilities.refusal``, ``gateway.cost``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from hypothesis import given, settings
@@ -140,7 +141,7 @@ def test_plan_matches_an_independent_oracle(case: Case) -> None:
     reasons = {name: refusal(case, name) for name in case.route}
     servable = [name for name in case.route if reasons[name] is None]
     try:
-        p = plan(case.request, case.config, case.stats, now=0.0, max_cost_usd=case.budget)
+        p = plan(dataclasses.replace(case.request, max_cost_usd=case.budget), case.config, case.stats, now=0.0)
     except BudgetExceeded as exc:
         # Only when price is what excluded every candidate.
         assert not servable and set(reasons.values()) == {"budget"}, (reasons, exc)

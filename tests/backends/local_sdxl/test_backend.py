@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from backends.base import StageClock
-from backends.base import Capabilities
+from backends.base import BackendSpec, Capabilities, StageClock
 from backends.errors import BackendFailed, BackendQueueFull, BackendTimeout, BackendUnavailable, CallerError
 from backends.local_sdxl import LocalSDXLBackend
 from backends.local_sdxl.backend import STAGES
@@ -157,15 +156,30 @@ def test_refusing_unlisted_shapes_is_a_capability_the_router_sees():
     assert eager == Capabilities(max_n=8)
 
 
-async def test_unlisted_shape_refused_when_configured():
-    backend = await asyncio.to_thread(start_backend, "strict", unlisted_shape="refuse",
-                                      shapes=[{"width": SIZE, "height": SIZE, "batch": 2}], warmup_runs=0)
+def test_a_refusing_backend_needs_the_narrowed_capabilities():
+    """Capabilities are checked in one place, the router: a backend that refuses unlisted shapes must be
+    built with the capabilities that say so (the config builds them that way), so that nothing unlisted can
+    be planned for it and the backend never re-checks a request."""
+    settings = make_settings(unlisted_shape="refuse", shapes=[{"width": SIZE, "height": SIZE, "batch": 2}])
+    declared = Capabilities(max_n=8)
+    with pytest.raises(ValueError, match="unlisted_shape: refuse"):
+        LocalSDXLBackend(BackendSpec(name="strict", type="local_sdxl", settings=settings, capabilities=declared))
+    narrowed = LocalSDXLBackend.capabilities_for(settings, declared)
+    backend = LocalSDXLBackend(BackendSpec(name="strict", type="local_sdxl", settings=settings,
+                                           capabilities=narrowed))
+    assert backend.spec.capabilities.sizes == (f"{SIZE}x{SIZE}",)
+    # Eager settings declare what routes.yaml says, unchanged.
+    LocalSDXLBackend(make_spec())
+
+
+async def test_listed_shapes_of_a_refusing_backend_are_served_padded():
+    settings = make_settings(unlisted_shape="refuse", shapes=[{"width": SIZE, "height": SIZE, "batch": 2}],
+                             warmup_runs=0)
+    spec = BackendSpec(name="strict", type="local_sdxl", settings=settings,
+                       capabilities=LocalSDXLBackend.capabilities_for(settings, Capabilities(max_n=8)))
+    backend = LocalSDXLBackend(spec)
+    await backend.start()
     try:
-        # Only an unplanned request gets here (the router skips the backend): a backend failure.
-        with pytest.raises(BackendFailed, match=r"48x32 with n=1 is not one of the compiled shapes \(64x64x2"):
-            await backend.generate(request(width=48, height=32), StageClock())
-        with pytest.raises(BackendFailed, match="n=3"):
-            await backend.generate(request(n=3), StageClock())
         result = await backend.generate(request(n=2), StageClock())  # listed
         assert len(result.images) == 2
         result = await backend.generate(request(n=1), StageClock())  # padded to the listed batch of 2

@@ -36,7 +36,8 @@ def test_padded_batch_picks_the_smallest_listed_batch():
         {"width": 1024, "height": 1024, "batch": 1}, {"width": 1024, "height": 1024, "batch": 4},
         {"width": 832, "height": 1216}]})
     resolved = settings.resolve(cuda=True)
-    assert resolved.max_batch == 4
+    assert settings.batch_limit == 4  # max_batch 0: the largest listed batch
+    assert build(Settings, {"preset": "tiny", "max_batch": 6}).batch_limit == 6
     assert [resolved.padded_batch(1024, 1024, n) for n in (1, 2, 3, 4, 5)] == [1, 4, 4, 4, None]
     assert resolved.padded_batch(832, 1216, 1) == 1 and resolved.padded_batch(1216, 832, 1) is None
     assert resolved.describe_shapes() == "1024x1024x1, 1024x1024x4, 832x1216x1"
