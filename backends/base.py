@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar, Iterator, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("png", "jpeg", "webp")
@@ -256,8 +256,12 @@ class Load:
 class Backend(Protocol):
     """The contract every backend implements. See the module docstring."""
 
-    Settings: ClassVar[type]
     spec: BackendSpec
+
+    @property
+    def Settings(self) -> type[Any]:
+        """The frozen dataclass of the backend's ``settings:`` block, as a class attribute
+        (``Settings = MySettings``). Read-only here, so that such an attribute satisfies the protocol."""
 
     async def start(self) -> None:
         """Open clients, load and warm models. The gateway is not ready until every required backend

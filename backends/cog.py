@@ -82,16 +82,23 @@ class CogBackend(RemoteBackend[Settings]):
         s: Settings = spec.settings
         self.health: str | None = None  # last /health-check status, for logs and tests
         # api_token: for an authenticating proxy in front of the container (cog itself has no auth).
-        super().__init__(spec, base_url=s.base_url.rstrip("/"), key=s.api_token, headers={"User-Agent": "imagegate"},
-                         outputs=Outputs(s.allowed_output_hosts, s.max_output_bytes, s.output_timeout),
-                         cancel_timeout=s.cancel_timeout, health_interval=s.health_interval)
+        super().__init__(
+            spec,
+            base_url=s.base_url.rstrip("/"),
+            key=s.api_token,
+            headers={"User-Agent": "imagegate"},
+            outputs=Outputs(s.allowed_output_hosts, s.max_output_bytes, s.output_timeout),
+            cancel_timeout=s.cancel_timeout,
+            health_interval=s.health_interval,
+        )
 
     async def probe(self) -> bool:
         """One ``GET /health-check``: READY or BUSY (reachable and set up) is ready."""
         status = None
         try:
-            response = await self.send("GET", "/health-check", StageClock(),
-                                       timeout=min(5.0, self.settings.health_interval))
+            response = await self.send(
+                "GET", "/health-check", StageClock(), timeout=min(5.0, self.settings.health_interval)
+            )
             body = response.json() if response.status_code == 200 else None
             status = body.get("status") if isinstance(body, Mapping) else None
         except (BackendError, httpx.HTTPError, ValueError):
@@ -105,13 +112,15 @@ class CogBackend(RemoteBackend[Settings]):
         inputs = to_inputs(request, self.settings.mapping)
         with self.loads.track():
             # In parallel the clock gets the slowest prediction's wait and predict time; one after another, the sum.
-            outcomes = await fan_out([partial(self._predict, request, body) for body in inputs],
-                                     clock, parallel=self.settings.parallel)
+            outcomes = await fan_out(
+                [partial(self._predict, request, body) for body in inputs], clock, parallel=self.settings.parallel
+            )
         images = tuple(image for batch, _ in outcomes for image in batch)
         return ImageResult(images, usage(request, len(images), predict=(seconds for _, seconds in outcomes)))
 
-    async def _predict(self, request: ImageRequest, model_input: dict[str, Any],
-                       clock: StageClock) -> tuple[list[Image], float | None]:
+    async def _predict(
+        self, request: ImageRequest, model_input: dict[str, Any], clock: StageClock
+    ) -> tuple[list[Image], float | None]:
         prediction_id = uuid.uuid4().hex
         busy_until = time.monotonic() + self.settings.busy_wait_s
         if request.deadline is not None:
@@ -147,13 +156,15 @@ class CogBackend(RemoteBackend[Settings]):
             clock.stage("remote_predict", predict)
         return await self.fetch(prediction.outputs, clock), predict
 
-    async def _put(self, request: ImageRequest, prediction_id: str, model_input: dict[str, Any],
-                   clock: StageClock) -> httpx.Response:
+    async def _put(
+        self, request: ImageRequest, prediction_id: str, model_input: dict[str, Any], clock: StageClock
+    ) -> httpx.Response:
         attempt = 0
         while True:
             try:
-                return await self.send("PUT", f"/predictions/{prediction_id}", clock,
-                                       json={"id": prediction_id, "input": model_input})
+                return await self.send(
+                    "PUT", f"/predictions/{prediction_id}", clock, json={"id": prediction_id, "input": model_input}
+                )
             except BackendUnavailable:
                 attempt += 1
                 backoff = 0.1 * 2**attempt

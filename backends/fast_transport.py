@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -158,20 +158,26 @@ class FastTransport(httpx.AsyncBaseTransport):
             self._release(conn)
             if trace is not None:
                 await trace("http11.receive_response_body.complete", {"request": request, "at": conn.complete_at})
-            response = httpx.Response(conn.status, headers=conn.headers, stream=httpx.ByteStream(body),
-                                      extensions=extensions)
+            response = httpx.Response(
+                conn.status, headers=conn.headers, stream=httpx.ByteStream(body), extensions=extensions
+            )
             if not conn.encoded:
                 # What Response.read() would store, minus three generator layers and an identity decoder.
                 # (A private attribute: check_internals() verifies it still works this way.)
                 response._content = body
             return response
-        return httpx.Response(conn.status, headers=conn.headers,
-                              stream=_Body(self, conn, trace, read_timeout, request), extensions=extensions)
+        return httpx.Response(
+            conn.status,
+            headers=conn.headers,
+            stream=_Body(self, conn, trace, read_timeout, request),
+            extensions=extensions,
+        )
 
     async def _send_stream(self, conn: _Conn, request: httpx.Request, timeout: float | None) -> None:
         chunked = request.headers.get("transfer-encoding", "").lower() == "chunked"
         assert conn.transport is not None
-        async for chunk in request.stream:  # type: ignore[union-attr]
+        # An AsyncClient's request: its stream is an async one.
+        async for chunk in cast(httpx.AsyncByteStream, request.stream):
             if not chunk:
                 continue
             if conn.closed:
@@ -196,8 +202,9 @@ class FastTransport(httpx.AsyncBaseTransport):
 
     async def _other(self, request: httpx.Request) -> httpx.Response:
         if self._fallback is None:
-            self._fallback = httpx.AsyncHTTPTransport(limits=self._limits, verify=self._verify,
-                                                      trust_env=self._trust_env)
+            self._fallback = httpx.AsyncHTTPTransport(
+                limits=self._limits, verify=self._verify, trust_env=self._trust_env
+            )
         return await self._fallback.handle_async_request(request)
 
     # -- the pool ------------------------------------------------------------------------------------
@@ -217,8 +224,9 @@ class FastTransport(httpx.AsyncBaseTransport):
             return conn
         return None
 
-    async def _acquire(self, key: tuple[str, int], timeouts: dict[str, Any], trace: Any,
-                       request: httpx.Request, fresh: bool = False) -> _Conn:
+    async def _acquire(
+        self, key: tuple[str, int], timeouts: dict[str, Any], trace: Any, request: httpx.Request, fresh: bool = False
+    ) -> _Conn:
         """An idle keep-alive connection to ``key`` (unless ``fresh``), else a new one (waiting for room up to
         the pool timeout). For a new one, emits the wire-start trace event: waiting for the connect is waiting
         on the network."""
@@ -287,8 +295,13 @@ class FastTransport(httpx.AsyncBaseTransport):
 
     def _release(self, conn: _Conn) -> None:
         conn.in_use = False
-        if (not conn.keep_alive or conn.closed or self._closed or conn.chunks
-                or (self._max_idle is not None and self._idle_count >= self._max_idle)):
+        if (
+            not conn.keep_alive
+            or conn.closed
+            or self._closed
+            or conn.chunks
+            or (self._max_idle is not None and self._idle_count >= self._max_idle)
+        ):
             conn.abort()
             self._gone(conn)
             return
@@ -362,8 +375,7 @@ def _resendable(request: httpx.Request, body: bytes | None, conn: _Conn, exc: Ba
     if body is None or not isinstance(exc, _BROKEN) or conn.received:
         return False
     headers = request.headers
-    return (unsent or request.method in _IDEMPOTENT or "idempotency-key" in headers
-            or "x-idempotency-key" in headers)
+    return unsent or request.method in _IDEMPOTENT or "idempotency-key" in headers or "x-idempotency-key" in headers
 
 
 def make_transport(limits: httpx.Limits, *, trust_env: bool = True) -> httpx.AsyncBaseTransport:

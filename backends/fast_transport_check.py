@@ -10,6 +10,7 @@ once per process, exactly the way they are used, and says what differs. ``FastTr
 from __future__ import annotations
 
 import functools
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -21,7 +22,6 @@ except ImportError as _missing:  # httptools not installed
     _IMPORT_ERROR: str | None = f"{type(_missing).__name__}: {_missing}"
 else:
     _IMPORT_ERROR = None
-
 
 
 class _Differs(Exception):
@@ -36,7 +36,7 @@ def _expect(ok: bool, what: str) -> None:
 class _Unread(httpx.AsyncByteStream):
     """A response stream that must not be iterated (its body was preset)."""
 
-    async def __aiter__(self):  # type: ignore[override]
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         raise _Differs("the preset body was ignored: the stream was read")
         yield b""  # pragma: no cover - makes this an async generator
 
@@ -85,29 +85,35 @@ def check_internals() -> str | None:
         head = b"POST /p?q=1 HTTP/1.1\r\nHost: check:1\r\nX-A: b\r\nContent-Length: 2\r\n\r\n"
         _expect(request_head(request) == head, f"headers.raw gave {request.headers.raw!r}")
 
-        async def chunks():  # pragma: no cover - never iterated
+        async def chunks() -> AsyncIterator[bytes]:  # pragma: no cover - never iterated
             yield b"x"
 
         try:
-            httpx.Request("POST", "http://check:1/", content=chunks()).content  # noqa: B018
+            httpx.Request("POST", "http://check:1/", content=chunks()).content  # noqa: B018 - must raise
         except httpx.RequestNotRead:
             pass
         else:
             raise _Differs("Request.content of a streamed body does not raise RequestNotRead")
 
-        response = httpx.Response(200, headers=[(b"content-length", b"2")], stream=_Unread(),
-                                  extensions={"http_version": b"HTTP/1.1", "reason_phrase": b"OK"})
+        response = httpx.Response(
+            200,
+            headers=[(b"content-length", b"2")],
+            stream=_Unread(),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": b"OK"},
+        )
         response._content = b"ok"
         response.request = request
         _expect(response.request is request, "Response.request cannot be set")
         _expect(_run(response.aread()) == b"ok" and response.content == b"ok", "a preset _content is not used")
-        _expect(response.headers["content-length"] == "2" and response.reason_phrase == "OK",
-                "Response from raw header pairs and extensions differs")
+        _expect(
+            response.headers["content-length"] == "2" and response.reason_phrase == "OK",
+            "Response from raw header pairs and extensions differs",
+        )
         _run(response.aclose())
 
         error = httpx.ReadError("check")
         try:
-            error.request  # noqa: B018
+            error.request  # noqa: B018 - raises until set
         except RuntimeError:
             pass
         else:
@@ -136,5 +142,6 @@ def fast_path_ok() -> bool:
         _warned = True
         # A logger of its own, bound now: once per process, and never one cached before logging was set up.
         structlog.get_logger("imagegate.http").warning(
-            "fast_transport.disabled", reason=reason, httpx=httpx.__version__, using="httpx.AsyncHTTPTransport")
+            "fast_transport.disabled", reason=reason, httpx=httpx.__version__, using="httpx.AsyncHTTPTransport"
+        )
     return False

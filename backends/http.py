@@ -54,10 +54,17 @@ from backends.errors import (
 )
 from backends.fast_transport import FastTransport
 
-_START_EVENTS = frozenset({"connection.connect_tcp.started", "http11.send_request_headers.started",
-                           "http2.send_request_headers.started"})
-_END_EVENTS = frozenset({"http11.receive_response_body.complete", "http2.receive_response_body.complete",
-                         "http11.receive_response_body.failed", "http2.receive_response_body.failed"})
+_START_EVENTS = frozenset(
+    {"connection.connect_tcp.started", "http11.send_request_headers.started", "http2.send_request_headers.started"}
+)
+_END_EVENTS = frozenset(
+    {
+        "http11.receive_response_body.complete",
+        "http2.receive_response_body.complete",
+        "http11.receive_response_body.failed",
+        "http2.receive_response_body.failed",
+    }
+)
 
 
 def make_client(
@@ -81,8 +88,11 @@ def make_client(
     fast = None
     # FastTransport.supported(): the httpx internals it relies on were checked once at first use; if they
     # differ (a newer httpx), httpx builds its own transport and one warning line says so.
-    if (transport is None and os.environ.get("IMAGEGATE_HTTP_TRANSPORT", "fast") != "httpcore"
-            and FastTransport.supported()):
+    if (
+        transport is None
+        and os.environ.get("IMAGEGATE_HTTP_TRANSPORT", "fast") != "httpcore"
+        and FastTransport.supported()
+    ):
         transport = fast = FastTransport(limits, trust_env=False)
     client = httpx.AsyncClient(
         base_url=base_url,
@@ -115,7 +125,7 @@ _FAST: weakref.WeakKeyDictionary[httpx.AsyncClient, FastTransport] = weakref.Wea
 class _WireTimer:
     """httpcore ``trace`` callback: remembers the first start event and the last body event."""
 
-    __slots__ = ("start", "end")
+    __slots__ = ("end", "start")
 
     def __init__(self) -> None:
         self.start = 0.0
@@ -160,16 +170,18 @@ async def send(
         await response.aread()
         return response
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise BackendUnavailable(f"{backend}: cannot connect: {scrub(str(exc) or type(exc).__name__, secrets)}")
-    except httpx.PoolTimeout:
+        raise BackendUnavailable(
+            f"{backend}: cannot connect: {scrub(str(exc) or type(exc).__name__, secrets)}"
+        ) from exc
+    except httpx.PoolTimeout as exc:
         # Our own pool is exhausted: this backend's queue is full here, so the request moves on now.
-        raise BackendQueueFull(f"{backend}: no free connection in the pool")
+        raise BackendQueueFull(f"{backend}: no free connection in the pool") from exc
     except httpx.TimeoutException as exc:
-        raise BackendTimeout(f"{backend}: {type(exc).__name__} after {timer.seconds():.1f}s")
+        raise BackendTimeout(f"{backend}: {type(exc).__name__} after {timer.seconds():.1f}s") from exc
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
         raise BackendProtocolError(
             f"{backend}: connection broke: {scrub(str(exc) or type(exc).__name__, secrets)}"
-        )
+        ) from exc
     finally:
         clock.add_wait(timer.seconds())
         if response is not None:
@@ -279,15 +291,17 @@ def passable_link(url: str, allowed_hosts: tuple[str, ...]) -> bool:
     cannot reach it (or reaches something of its own), and it tells the client about our network. Such a
     URL is fetched and re-hosted instead; anything that is not allow-listed is refused."""
     parts = urlsplit(url)
-    return (host_allowed(url, allowed_hosts) and "@" not in parts.netloc
-            and not _non_public_address(parts.hostname or ""))
+    return (
+        host_allowed(url, allowed_hosts) and "@" not in parts.netloc and not _non_public_address(parts.hostname or "")
+    )
 
 
 _MIN_HEADER_SECRET = 6
 
 
-def credentials(*values: str | None, headers: Mapping[str, str] | None = None,
-                urls: Iterable[str] = ()) -> tuple[str, ...]:
+def credentials(
+    *values: str | None, headers: Mapping[str, str] | None = None, urls: Iterable[str] = ()
+) -> tuple[str, ...]:
     """The secret values of a backend's settings, for ``scrub``: the given credentials, every header value
     (a header configured on a backend is there to authenticate, whatever its name) and the userinfo of
     every URL. Longest first, so a secret that contains another is replaced whole."""

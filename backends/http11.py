@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from typing import Any
+from typing import Any, cast
 
 import httptools
 import httpx
@@ -62,7 +62,7 @@ class Connection(asyncio.Protocol):
     # -- asyncio protocol ----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection's: a full Transport
 
     def data_received(self, data: bytes) -> None:
         self.rx_at = _perf()
@@ -97,8 +97,7 @@ class Connection(asyncio.Protocol):
             elif not self.received:
                 self.error = httpx.RemoteProtocolError("Server disconnected without sending a response.")
             else:
-                self.error = httpx.RemoteProtocolError(
-                    "peer closed connection without sending complete message body")
+                self.error = httpx.RemoteProtocolError("peer closed connection without sending complete message body")
         if self.waiter is not None:
             self._wake(True)
 
@@ -175,7 +174,8 @@ class Connection(asyncio.Protocol):
 
     async def wait(self, timeout: float | None) -> bool:
         """Wait for something to happen on the connection; False when ``timeout`` passed first."""
-        waiter = self.waiter = self.loop.create_future()
+        waiter: asyncio.Future[bool] = self.loop.create_future()
+        self.waiter = waiter
         handle = None if timeout is None else self.loop.call_later(timeout, _expire, waiter)
         try:
             return await waiter
@@ -206,8 +206,7 @@ class BodyStream(httpx.AsyncByteStream):
 
     __slots__ = ("_conn", "_owner", "_request", "_timeout", "_trace")
 
-    def __init__(self, owner: Any, conn: Connection, trace: Any, timeout: float | None,
-                 request: httpx.Request) -> None:
+    def __init__(self, owner: Any, conn: Connection, trace: Any, timeout: float | None, request: httpx.Request) -> None:
         self._owner = owner
         self._conn: Connection | None = conn
         self._trace = trace
@@ -228,8 +227,9 @@ class BodyStream(httpx.AsyncByteStream):
                 self._conn = None
                 self._owner._release(conn)
                 if self._trace is not None:
-                    await self._trace("http11.receive_response_body.complete",
-                                      {"request": self._request, "at": conn.complete_at})
+                    await self._trace(
+                        "http11.receive_response_body.complete", {"request": self._request, "at": conn.complete_at}
+                    )
                 raise StopAsyncIteration
             if conn.error is not None:
                 self._conn = None
@@ -244,8 +244,9 @@ class BodyStream(httpx.AsyncByteStream):
             if not woke:
                 self._conn = None
                 self._owner._discard(conn)
-                raise httpx.ReadTimeout(f"no data for {self._timeout}s while reading the response body",
-                                        request=self._request)
+                raise httpx.ReadTimeout(
+                    f"no data for {self._timeout}s while reading the response body", request=self._request
+                )
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None

@@ -61,8 +61,12 @@ def framed_as(head: bytes, tail: bytes, length: int) -> str | None:
     """
     if head.startswith(_PNG_SIGNATURE):
         ihdr = head[8:33]
-        ok = (len(ihdr) == 25 and ihdr[:8] == b"\x00\x00\x00\x0dIHDR" and tail == _PNG_TRAILER
-              and zlib.crc32(ihdr[4:21]) == int.from_bytes(ihdr[21:25], "big"))
+        ok = (
+            len(ihdr) == 25
+            and ihdr[:8] == b"\x00\x00\x00\x0dIHDR"
+            and tail == _PNG_TRAILER
+            and zlib.crc32(ihdr[4:21]) == int.from_bytes(ihdr[21:25], "big")
+        )
         return "png" if ok else None
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg" if tail.endswith(b"\xff\xd9") else None

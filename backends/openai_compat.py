@@ -128,11 +128,14 @@ def parse_body(raw: bytes) -> Any:
     pieces.append(raw[pos:])
     skeleton = orjson.loads(b"".join(pieces))  # every b64_json string is now ""
     data = skeleton.get("data") if isinstance(skeleton, dict) else None
-    slots = [item for item in data if isinstance(item, dict) and item.get("b64_json") == ""] \
-        if isinstance(data, list) else []
+    slots = (
+        [item for item in data if isinstance(item, dict) and item.get("b64_json") == ""]
+        if isinstance(data, list)
+        else []
+    )
     if len(slots) != len(values):  # a b64_json somewhere else, or a duplicate key: play safe
         return orjson.loads(raw)
-    for item, value in zip(slots, values):
+    for item, value in zip(slots, values, strict=True):
         item["b64_json"] = value
     return skeleton
 
@@ -167,8 +170,13 @@ class OpenAIBackend(RemoteBackend[Settings]):
         # Every call goes to this URL, parsed once (so the client has no base URL): httpx would otherwise parse
         # (and validate, and percent-encode) the URL text per request.
         self._url = httpx.URL(s.base_url.rstrip("/") + s.path)
-        super().__init__(spec, key=s.api_key, secret_headers=s.extra_headers, urls=(s.base_url,),
-                         outputs=Outputs(s.allowed_output_hosts, s.max_output_bytes))
+        super().__init__(
+            spec,
+            key=s.api_key,
+            secret_headers=s.extra_headers,
+            urls=(s.base_url,),
+            outputs=Outputs(s.allowed_output_hosts, s.max_output_bytes),
+        )
         # The constant headers of every call, credential included, built once: a copy per request costs
         # no more than httpx merging client default headers would.
         self._headers_json = self.api_headers({"content-type": "application/json"})
@@ -180,7 +188,10 @@ class OpenAIBackend(RemoteBackend[Settings]):
         headers["x-request-id"] = request.request_id
         with self.loads.track():
             http_request = client.build_request(
-                "POST", self._url, content=orjson.dumps(to_body(request, self.settings)), headers=headers,
+                "POST",
+                self._url,
+                content=orjson.dumps(to_body(request, self.settings)),
+                headers=headers,
             )
             response = await send(client, http_request, clock, backend=self.name, secrets=self.secrets)
             self.raise_for_status(response)
@@ -196,8 +207,11 @@ class OpenAIBackend(RemoteBackend[Settings]):
         """``images`` with each URL the client may not get as it is (see the module docstring) fetched."""
         keep = request.response_format == "url"
         allowed = self.settings.allowed_output_hosts
-        targets = [(i, img.url) for i, img in enumerate(images)
-                   if img.url is not None and not (keep and passable_link(img.url, allowed))]
+        targets = [
+            (i, img.url)
+            for i, img in enumerate(images)
+            if img.url is not None and not (keep and passable_link(img.url, allowed))
+        ]
         fetched = await self.fetch([url for _, url in targets], clock)
         out = list(images)
         for (i, _), image in zip(targets, fetched, strict=True):

@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -108,27 +108,41 @@ class InputMapping:
 
 
 _NO_EXTRAS: dict[str, Any] = {"negative_prompt_field": None, "steps_field": None, "guidance_field": None}
-FAMILIES: Mapping[str, InputMapping] = MappingProxyType({
-    # stability-ai/sdxl and most SDXL fine-tunes (also what SDXL cog containers take).
-    "sdxl": InputMapping(),
-    # black-forest-labs/flux-schnell (official model): no width/height, 1..4 steps, no guidance.
-    "flux_schnell": InputMapping(
-        size_mode="aspect_ratio", megapixels_field="megapixels", megapixels_choices=("1", "0.25"),
-        negative_prompt_field=None, guidance_field=None, output_format_field="output_format",
-    ),
-    # black-forest-labs/flux-dev: as schnell, plus ``guidance``.
-    "flux_dev": InputMapping(
-        size_mode="aspect_ratio", megapixels_field="megapixels", megapixels_choices=("1", "0.25"),
-        negative_prompt_field=None, guidance_field="guidance", output_format_field="output_format",
-    ),
-    # black-forest-labs/flux-1.1-pro: one image per prediction (a single URL), no steps.
-    "flux_pro": InputMapping(
-        size_mode="aspect_ratio", aspect_ratios=FLUX_PRO_ASPECT_RATIOS, n_field=None,
-        max_outputs_per_call=1, output_format_field="output_format", **_NO_EXTRAS,
-    ),
-    # Anything else: the prompt only; name the other fields in ``input:``.
-    "custom": InputMapping(size_mode="none", n_field=None, max_outputs_per_call=1, seed_field=None, **_NO_EXTRAS),
-})
+FAMILIES: Mapping[str, InputMapping] = MappingProxyType(
+    {
+        # stability-ai/sdxl and most SDXL fine-tunes (also what SDXL cog containers take).
+        "sdxl": InputMapping(),
+        # black-forest-labs/flux-schnell (official model): no width/height, 1..4 steps, no guidance.
+        "flux_schnell": InputMapping(
+            size_mode="aspect_ratio",
+            megapixels_field="megapixels",
+            megapixels_choices=("1", "0.25"),
+            negative_prompt_field=None,
+            guidance_field=None,
+            output_format_field="output_format",
+        ),
+        # black-forest-labs/flux-dev: as schnell, plus ``guidance``.
+        "flux_dev": InputMapping(
+            size_mode="aspect_ratio",
+            megapixels_field="megapixels",
+            megapixels_choices=("1", "0.25"),
+            negative_prompt_field=None,
+            guidance_field="guidance",
+            output_format_field="output_format",
+        ),
+        # black-forest-labs/flux-1.1-pro: one image per prediction (a single URL), no steps.
+        "flux_pro": InputMapping(
+            size_mode="aspect_ratio",
+            aspect_ratios=FLUX_PRO_ASPECT_RATIOS,
+            n_field=None,
+            max_outputs_per_call=1,
+            output_format_field="output_format",
+            **_NO_EXTRAS,
+        ),
+        # Anything else: the prompt only; name the other fields in ``input:``.
+        "custom": InputMapping(size_mode="none", n_field=None, max_outputs_per_call=1, seed_field=None, **_NO_EXTRAS),
+    }
+)
 Family = Literal["sdxl", "flux_schnell", "flux_dev", "flux_pro", "custom"]
 
 
@@ -159,8 +173,9 @@ def nearest_megapixels(width: int, height: int, choices: Sequence[str]) -> str:
     return min(choices, key=lambda c: abs(math.log(float(c)) - target))
 
 
-def to_input(request: ImageRequest, mapping: InputMapping, *, count: int | None = None,
-             seed: int | None = None) -> dict[str, Any]:
+def to_input(
+    request: ImageRequest, mapping: InputMapping, *, count: int | None = None, seed: int | None = None
+) -> dict[str, Any]:
     """One prediction's ``input`` for ``request``: ``count`` images (default: all of ``request.n``) and
     ``seed`` (default: the request's). Static inputs go first so the request's own values win, and
     ``request.options["input"]`` (per-route candidate options) goes last."""
@@ -172,8 +187,9 @@ def to_input(request: ImageRequest, mapping: InputMapping, *, count: int | None 
     elif mapping.size_mode == "aspect_ratio":
         out[mapping.aspect_ratio_field] = nearest_aspect_ratio(request.width, request.height, mapping.aspect_ratios)
         if mapping.megapixels_field:
-            out[mapping.megapixels_field] = nearest_megapixels(request.width, request.height,
-                                                               mapping.megapixels_choices)
+            out[mapping.megapixels_field] = nearest_megapixels(
+                request.width, request.height, mapping.megapixels_choices
+            )
     count = request.n if count is None else count
     if mapping.n_field:
         out[mapping.n_field] = count
@@ -199,8 +215,10 @@ def to_input(request: ImageRequest, mapping: InputMapping, *, count: int | None 
 def to_inputs(request: ImageRequest, mapping: InputMapping) -> list[dict[str, Any]]:
     """The inputs of every prediction needed for ``request.n`` images: ``ceil(n / per_call)`` of them.
     With a seed, call *i* gets ``seed + (images before it)``, so parallel calls do not repeat an image."""
-    return [to_input(request, mapping, count=count, seed=seed)
-            for count, seed in seeded_batches(request.n, mapping.per_call, request.seed)]
+    return [
+        to_input(request, mapping, count=count, seed=seed)
+        for count, seed in seeded_batches(request.n, mapping.per_call, request.seed)
+    ]
 
 
 # -- prediction → result (pure) ----------------------------------------------------------------------------
@@ -240,7 +258,7 @@ def parse_time(value: Any) -> datetime | None:
         parsed = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _output_strings(output: Any, backend: str) -> tuple[str, ...]:
@@ -300,8 +318,9 @@ def classify_failure(error: str | None) -> type[BackendError]:
     return BackendRejected
 
 
-def raise_for_outcome(prediction: Prediction, request: ImageRequest, *, backend: str,
-                      secrets: tuple[str, ...] = ()) -> None:
+def raise_for_outcome(
+    prediction: Prediction, request: ImageRequest, *, backend: str, secrets: tuple[str, ...] = ()
+) -> None:
     """Raise the vocabulary error a finished prediction means; return quietly when it succeeded with output.
 
     ``failed``: see ``classify_failure``. ``canceled``: ``BackendTimeout`` when the request's deadline was

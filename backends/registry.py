@@ -8,7 +8,7 @@ hooks (``Options``, ``check_options``, ``capabilities_for``; see ``backends.base
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -32,7 +32,8 @@ def backend_class(type_name: str) -> Any:
 
 
 def create(spec: BackendSpec) -> Backend:
-    return backend_class(spec.type)(spec)
+    cls: Callable[[BackendSpec], Backend] = backend_class(spec.type)
+    return cls(spec)
 
 
 def route_options(cls: Any, settings: Any, raw: Mapping[str, Any]) -> Mapping[str, Any]:

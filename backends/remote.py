@@ -124,8 +124,9 @@ class RemoteBackend(abc.ABC, Generic[SettingsT]):
         if self._health_interval is not None:
             if not await self.check_health():
                 self._log.warning(f"{self.spec.type}.not_ready_at_start", backend=self.name)
-            self._poller = asyncio.create_task(self._poll_health(self._health_interval),
-                                               name=f"{self.spec.type}-health:{self.name}")
+            self._poller = asyncio.create_task(
+                self._poll_health(self._health_interval), name=f"{self.spec.type}-health:{self.name}"
+            )
 
     async def aclose(self) -> None:
         await stop_task(self._poller)
@@ -212,8 +213,13 @@ class RemoteBackend(abc.ABC, Generic[SettingsT]):
         ``timeout``: None keeps the client's (from the backend's ``timeouts``)."""
         client = self.client
         request = client.build_request(
-            method, url, headers=self.api_headers(headers) if headers else self._auth, json=json,
-            content=content, params=params, timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
+            method,
+            url,
+            headers=self.api_headers(headers) if headers else self._auth,
+            json=json,
+            content=content,
+            params=params,
+            timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
         )
         return await send(client, request, clock, backend=self.name, secrets=self.secrets)
 
@@ -233,8 +239,15 @@ class RemoteBackend(abc.ABC, Generic[SettingsT]):
             raise TypeError(f"{type(self).__name__} declares no outputs to fetch")
         if fetcher is None:
             raise BackendUnavailable(f"{self.name}: not started")
-        return await fetch_images(fetcher, urls, clock, backend=self.name, allowed_hosts=outputs.allowed_hosts,
-                                  max_bytes=outputs.max_bytes, timeout=outputs.timeout)
+        return await fetch_images(
+            fetcher,
+            urls,
+            clock,
+            backend=self.name,
+            allowed_hosts=outputs.allowed_hosts,
+            max_bytes=outputs.max_bytes,
+            timeout=outputs.timeout,
+        )
 
     # -- cancels ------------------------------------------------------------------------------------
 
@@ -250,8 +263,9 @@ class RemoteBackend(abc.ABC, Generic[SettingsT]):
         self._background.spawn(best_effort(cancel, self.cancel_timeout if timeout is None else timeout))
 
 
-def usage(request: ImageRequest, images: int, *, predict: Iterable[float | None] = (),
-          megapixels: float | None = None) -> Usage:
+def usage(
+    request: ImageRequest, images: int, *, predict: Iterable[float | None] = (), megapixels: float | None = None
+) -> Usage:
     """One request's ``Usage`` from the calls that made it: ``images``, their ``megapixels`` (the request's
     size each unless the backend measured them), the request's steps, and the calls' predict seconds summed
     (each call is billed for its own; None when no call reported any). Pure."""
@@ -296,9 +310,9 @@ async def fan_out(
     combine: Callable[[list[float]], float] = max if parallel else sum
     try:
         if parallel and len(calls) > 1:
-            results = await _gather_or_cancel([call(k) for call, k in zip(calls, clocks)])
+            results = await _gather_or_cancel([call(k) for call, k in zip(calls, clocks, strict=True)])
         else:
-            results = [await call(k) for call, k in zip(calls, clocks)]
+            results = [await call(k) for call, k in zip(calls, clocks, strict=True)]
     finally:
         if clocks:
             clock.add_wait(combine([k.backend_s for k in clocks]))
@@ -338,8 +352,18 @@ async def fetch_images(
     """Fetch every output (``data:`` URIs or allow-listed URLs, see ``backends.http.fetch_output``)
     concurrently, in order, in the format each came in."""
     fetched = await fan_out(
-        [partial(fetch_output, fetcher, url, backend=backend, allowed_hosts=allowed_hosts, max_bytes=max_bytes,
-                 timeout=timeout) for url in urls],
+        [
+            partial(
+                fetch_output,
+                fetcher,
+                url,
+                backend=backend,
+                allowed_hosts=allowed_hosts,
+                max_bytes=max_bytes,
+                timeout=timeout,
+            )
+            for url in urls
+        ],
         clock,
     )
     return [Image(format=fmt, data=data) for data, fmt in fetched]

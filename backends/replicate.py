@@ -123,16 +123,20 @@ class ReplicateBackend(RemoteBackend[Settings]):
     def __init__(self, spec: BackendSpec) -> None:
         s: Settings = spec.settings
         # The token goes with every API request, and only to the API's own origin (see _api_url).
-        super().__init__(spec, base_url=s.base_url.rstrip("/"), key=s.api_token, headers={"User-Agent": "imagegate"},
-                         outputs=Outputs(s.allowed_output_hosts, s.max_output_bytes, s.output_timeout),
-                         cancel_timeout=s.cancel_timeout)
+        super().__init__(
+            spec,
+            base_url=s.base_url.rstrip("/"),
+            key=s.api_token,
+            headers={"User-Agent": "imagegate"},
+            outputs=Outputs(s.allowed_output_hosts, s.max_output_bytes, s.output_timeout),
+            cancel_timeout=s.cancel_timeout,
+        )
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
         inputs = to_inputs(request, self.settings.mapping)
         with self.loads.track():
             # Concurrent predictions overlap: the clock gets the slowest one's wait and stages.
-            outcomes = await fan_out([partial(self._predict, request, body) for body in inputs],
-                                     clock)
+            outcomes = await fan_out([partial(self._predict, request, body) for body in inputs], clock)
         images = tuple(image for o in outcomes for image in o.images)
         return ImageResult(images, usage(request, len(images), predict=(o.predict_s for o in outcomes)))
 
@@ -143,8 +147,7 @@ class ReplicateBackend(RemoteBackend[Settings]):
             # goes on so that its answer (the prediction id) lets us cancel the prediction.
             prediction = await asyncio.shield(create)
         except asyncio.CancelledError:
-            self.cancel_later(self._cancel_when_created(create),
-                              timeout=self._create_wait() + self.cancel_timeout)
+            self.cancel_later(self._cancel_when_created(create), timeout=self._create_wait() + self.cancel_timeout)
             raise
         try:
             prediction = await self._wait_terminal(request, prediction, clock)

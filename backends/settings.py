@@ -12,9 +12,12 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class SettingsError(ValueError):
@@ -70,7 +73,7 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
             return tuple(coerce(args[0], item, _join(path, i)) for i, item in enumerate(value))
         if len(value) != len(args):
             raise SettingsError(path, f"must have {len(args)} items, got {len(value)}")
-        return tuple(coerce(a, item, _join(path, i)) for i, (a, item) in enumerate(zip(args, value)))
+        return tuple(coerce(a, item, _join(path, i)) for i, (a, item) in enumerate(zip(args, value, strict=True)))
     if origin in (frozenset, set):
         (arg,) = get_args(tp)
         if not isinstance(value, (list, tuple, set, frozenset)):
@@ -117,12 +120,10 @@ def build(cls: type[T], raw: Any, path: str = "") -> T:
     if not isinstance(raw, Mapping):
         raise SettingsError(path, f"must be a mapping, got {type(raw).__name__}")
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in raw if k not in fields]
     if unknown:
-        raise SettingsError(
-            _join(path, unknown[0]), f"unknown key (allowed: {', '.join(sorted(fields)) or 'none'})"
-        )
+        raise SettingsError(_join(path, unknown[0]), f"unknown key (allowed: {', '.join(sorted(fields)) or 'none'})")
     kwargs: dict[str, Any] = {}
     for name, field in fields.items():
         if name in raw:

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backends.local_sdxl.pipeline import Batch, SDXLPipeline, build_pipeline
 from backends.local_sdxl.scheduler import SDXL_SCHEDULER_CONFIG
-from backends.local_sdxl.settings import Settings, Shape
+from backends.local_sdxl.settings import DType, Settings, Shape
 
 RESULTS: list[tuple[str, bool, str]] = []
 
@@ -87,12 +87,23 @@ def diffusers_loop(steps: int, device: torch.device, noise: torch.Tensor, *, beg
     return run
 
 
-def make_pipeline(device: torch.device, dtype: str, size: int, batch: int, steps: int, compile_: bool) -> SDXLPipeline:
+def make_pipeline(
+    device: torch.device, dtype: DType, size: int, batch: int, steps: int, compile_: bool
+) -> SDXLPipeline:
     """The backend's own start-up (``build_pipeline``) for ``preset: tiny`` with one listed shape."""
     cuda = device.type == "cuda"
-    settings = Settings(preset="tiny", device=str(device), dtype=dtype, vae_dtype=dtype,  # type: ignore[arg-type]
-                        compile=compile_, cuda_graphs=cuda, channels_last=cuda,
-                        shapes=(Shape(size, size, batch),), default_steps=steps, warmup_runs=0)
+    settings = Settings(
+        preset="tiny",
+        device=str(device),
+        dtype=dtype,
+        vae_dtype=dtype,
+        compile=compile_,
+        cuda_graphs=cuda,
+        channels_last=cuda,
+        shapes=(Shape(size, size, batch),),
+        default_steps=steps,
+        warmup_runs=0,
+    )
     return build_pipeline(settings)
 
 
@@ -133,21 +144,34 @@ def main(argv: list[str] | None = None) -> int:
         print("SKIP gpu_sync_check: no CUDA device (nothing to prove on CPU; --dry-run checks the script)")
         return 0
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    dtype = args.dtype if cuda else "float32"
-    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu (dry run)'}, torch {torch.__version__}, "
-          f"{args.steps} steps, {dtype}, {args.size}x{args.size} batch {args.batch}, "
-          f"{'compiled' if args.compile else 'eager'} UNet")
+    dtype: DType = args.dtype if cuda else "float32"  # argparse: one of --dtype's choices
+    print(
+        f"device {torch.cuda.get_device_name() if cuda else 'cpu (dry run)'}, torch {torch.__version__}, "
+        f"{args.steps} steps, {dtype}, {args.size}x{args.size} batch {args.batch}, "
+        f"{'compiled' if args.compile else 'eager'} UNet"
+    )
 
     with torch.inference_mode():
         pipe = make_pipeline(device, dtype, args.size, args.batch, args.steps, args.compile)
         # fp32 twin for the parity check (a bf16 pipeline rounds the UNet input; the fake UNet needs none).
-        pipe32 = pipe if dtype == "float32" else make_pipeline(device, "float32", args.size, args.batch,
-                                                               args.steps, compile_=False)
+        pipe32 = (
+            pipe
+            if dtype == "float32"
+            else make_pipeline(device, "float32", args.size, args.batch, args.steps, compile_=False)
+        )
         plan = pipe.plan(args.steps)
 
         def batch(seed: int, guidance: float = 5.0) -> Batch:
-            return Batch(args.size, args.size, args.steps, "full", (("sync check", None),) * args.batch,
-                         tuple(range(seed, seed + args.batch)), (guidance,) * args.batch, args.batch)
+            return Batch(
+                args.size,
+                args.size,
+                args.steps,
+                "full",
+                (("sync check", None),) * args.batch,
+                tuple(range(seed, seed + args.batch)),
+                (guidance,) * args.batch,
+                args.batch,
+            )
 
         # 1. parity of the real loop (fake UNet, guidance 1) with diffusers' scheduler, fp32
         noise, embeds, pooled, time_ids, ones = pipe32.loop_inputs(batch(0, guidance=1.0))
@@ -157,13 +181,19 @@ def main(argv: list[str] | None = None) -> int:
         report("parity with diffusers (SDXLPipeline.denoise, fp32, fake UNet)", err <= 1e-4, f"max rel err {err:.2e}")
 
         # 2./3. no syncs: the real loop with the fake UNet, then with the tiny UNet (CFG)
-        sync_free(pipe32, "SDXLPipeline.denoise (fake UNet) under sync_debug_mode=error",
-                  lambda: pipe32.denoise(fake_unet, pipe32.plan(args.steps), noise, embeds, pooled, time_ids, ones))
+        sync_free(
+            pipe32,
+            "SDXLPipeline.denoise (fake UNet) under sync_debug_mode=error",
+            lambda: pipe32.denoise(fake_unet, pipe32.plan(args.steps), noise, embeds, pooled, time_ids, ones),
+        )
         inputs_a, inputs_b = pipe.loop_inputs(batch(1)), pipe.loop_inputs(batch(2))
         eager_a = pipe.denoise(pipe.unet_fast, plan, *inputs_a)  # also a warm-up before any check
         eager_b = pipe.denoise(pipe.unet_fast, plan, *inputs_b)
-        out = sync_free(pipe, "SDXLPipeline.denoise (tiny UNet, CFG) under sync_debug_mode=error",
-                        lambda: pipe.denoise(pipe.unet_fast, plan, *inputs_a))
+        out = sync_free(
+            pipe,
+            "SDXLPipeline.denoise (tiny UNet, CFG) under sync_debug_mode=error",
+            lambda: pipe.denoise(pipe.unet_fast, plan, *inputs_a),
+        )
         if out is not None:
             err = rel_err(out, eager_a)
             report("sync-checked loop equals the plain loop", err <= 1e-5, f"max rel err {err:.2e}")
@@ -186,13 +216,17 @@ def main(argv: list[str] | None = None) -> int:
             replayed = graph.replay(noise_i, embeds_i, pooled_i, guidance_i)
             torch.cuda.synchronize()
             err = rel_err(replayed, eager)
-            report(f"graph replay on input {name} matches the plain loop", err <= tol, f"max rel err {err:.2e} (tol {tol})")
+            report(
+                f"graph replay on input {name} matches the plain loop", err <= tol, f"max rel err {err:.2e} (tol {tol})"
+            )
         report("replays differ for different inputs (not frozen)", not torch.equal(graph.out, eager_a))
 
         plain_ms = time_it(lambda: pipe.denoise(pipe.unet_fast, plan, *inputs_a))
-        graph_ms = time_it(lambda: graph.replay(*inputs_a[:3], inputs_a[4]))
-        print(f"INFO loop time: plain {plain_ms:.2f} ms, graph replay {graph_ms:.2f} ms "
-              f"({plain_ms / max(graph_ms, 1e-6):.1f}x) for {args.steps} steps, tiny UNet, batch {args.batch} with CFG")
+        graph_ms = time_it(lambda: graph.replay(inputs_a[0], inputs_a[1], inputs_a[2], inputs_a[4]))
+        print(
+            f"INFO loop time: plain {plain_ms:.2f} ms, graph replay {graph_ms:.2f} ms "
+            f"({plain_ms / max(graph_ms, 1e-6):.1f}x) for {args.steps} steps, tiny UNet, batch {args.batch} with CFG"
+        )
 
         # 5. control: diffusers' scheduler (first step without set_begin_index looks the index up with nonzero)
         control = diffusers_loop(args.steps, device, noise, begin_index=False)  # set-up copies happen first
@@ -207,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def summary() -> int:
     failed = [name for name, ok, _ in RESULTS if not ok]
-    print(("FAIL" if failed else "PASS") + f" gpu_sync_check: {len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed")
+    print(
+        ("FAIL" if failed else "PASS") + f" gpu_sync_check: {len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed"
+    )
     return 1 if failed else 0
 
 

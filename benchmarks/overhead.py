@@ -247,11 +247,11 @@ def _pinned(cpus: set[int] | None):
     return lambda: os.sched_setaffinity(0, cpus)
 
 
-def wait_ready(port: int, path: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def wait_ready(port: int, path: str, proc: subprocess.Popen[bytes], name: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[1]} exited with {proc.returncode} during start-up")
+            raise RuntimeError(f"{name} exited with {proc.returncode} during start-up")
         with contextlib.suppress(OSError, http.client.HTTPException):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", path)
@@ -266,10 +266,17 @@ def wait_ready(port: int, path: str, proc: subprocess.Popen, timeout: float = 60
 @contextlib.contextmanager
 def process(argv: list[str], cpus: set[int] | None, stdout: Any, ready: tuple[int, str]) -> Iterator[subprocess.Popen]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "0"}
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT,
-                            preexec_fn=_pinned(cpus), start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=env,
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_pinned(cpus),
+        start_new_session=True,
+    )
     try:
-        wait_ready(*ready, proc)
+        wait_ready(*ready, proc, name=argv[1])
         yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -360,8 +367,9 @@ default_tier: standard
 # -- wrk ---------------------------------------------------------------------------------------------
 
 
-def run_wrk(wrk: str, url: str, body: Path, concurrency: int, limit: int, max_seconds: float,
-            cpus: set[int] | None, work: Path) -> dict[str, Any]:
+def run_wrk(
+    wrk: str, url: str, body: Path, concurrency: int, limit: int, max_seconds: float, cpus: set[int] | None, work: Path
+) -> dict[str, Any]:
     out = work / "wrk.json"
     out.unlink(missing_ok=True)
     script = work / "bench.lua"
@@ -369,8 +377,9 @@ def run_wrk(wrk: str, url: str, body: Path, concurrency: int, limit: int, max_se
         script.write_text(WRK_LUA)
     env = {**os.environ, "BENCH_BODY": str(body), "BENCH_OUT": str(out), "BENCH_LIMIT": str(limit)}
     argv = [wrk, "-t1", f"-c{concurrency}", f"-d{max_seconds:g}s", "--timeout", "30s", "-s", str(script), url]
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, preexec_fn=_pinned(cpus),
-                          timeout=max_seconds + 60)
+    proc = subprocess.run(
+        argv, env=env, capture_output=True, text=True, preexec_fn=_pinned(cpus), timeout=max_seconds + 60
+    )
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr or proc.stdout}")
     return json.loads(out.read_text())
@@ -387,8 +396,19 @@ def to_run(target: str, body: str, concurrency: int, res: dict[str, Any]) -> Run
     lat = res["latency_us"]
     seconds = res["duration_us"] / 1e6
     errors = sum(res["errors"].values()) + res["non_200"]
-    run = Run(target, body, concurrency, res["requests"], round(seconds, 3), round(res["requests"] / seconds, 1),
-              lat["p50"] / 1e3, lat["p90"] / 1e3, lat["p99"] / 1e3, lat["max"] / 1e3, errors)
+    run = Run(
+        target,
+        body,
+        concurrency,
+        res["requests"],
+        round(seconds, 3),
+        round(res["requests"] / seconds, 1),
+        lat["p50"] / 1e3,
+        lat["p90"] / 1e3,
+        lat["p99"] / 1e3,
+        lat["max"] / 1e3,
+        errors,
+    )
     overheads = res["overhead_ms"]
     if overheads:
         run.header_count = len(overheads)
@@ -403,8 +423,19 @@ def median_run(runs: list[Run]) -> Run:
     if len(runs) == 1:
         return runs[0]
     merged = Run(**asdict(runs[0]))
-    for name in ("seconds", "rps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "header_p50_ms", "header_p90_ms",
-                 "header_p99_ms", "gateway_cpu_ms_per_request", "stub_cpu_ms_per_request"):
+    for name in (
+        "seconds",
+        "rps",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "max_ms",
+        "header_p50_ms",
+        "header_p90_ms",
+        "header_p99_ms",
+        "gateway_cpu_ms_per_request",
+        "stub_cpu_ms_per_request",
+    ):
         values = [getattr(r, name) for r in runs if getattr(r, name) is not None]
         setattr(merged, name, statistics.median(values) if values else None)
     merged.requests = sum(r.requests for r in runs)
@@ -427,24 +458,53 @@ def evaluate(rows: list[Row]) -> list[dict[str, Any]]:
         if row.body == "small" and row.concurrency == 1 and gw.header_p50_ms is not None:
             diff = abs(gw.header_p50_ms - row.added_p50_ms)
             allowed = max(HONESTY_REL * row.added_p50_ms, HONESTY_ABS_MS)
-            checks.append(check("header honest (c=1, small)", diff <= allowed,
-                                f"header p50 {gw.header_p50_ms:.3f} ms vs added p50 {row.added_p50_ms:.3f} ms "
-                                f"(|diff| {diff:.3f} ≤ {allowed:.3f})"))
-            checks.append(check(f"added p50 ≤ {ADDED_P50_TARGET_MS} ms (c=1, small)",
-                                row.added_p50_ms <= ADDED_P50_TARGET_MS, f"{row.added_p50_ms:.3f} ms"))
+            checks.append(
+                check(
+                    "header honest (c=1, small)",
+                    diff <= allowed,
+                    f"header p50 {gw.header_p50_ms:.3f} ms vs added p50 {row.added_p50_ms:.3f} ms "
+                    f"(|diff| {diff:.3f} ≤ {allowed:.3f})",
+                )
+            )
+            checks.append(
+                check(
+                    f"added p50 ≤ {ADDED_P50_TARGET_MS} ms (c=1, small)",
+                    row.added_p50_ms <= ADDED_P50_TARGET_MS,
+                    f"{row.added_p50_ms:.3f} ms",
+                )
+            )
         if row.body == "small" and gw.gateway_cpu_ms_per_request is not None:
-            checks.append(check(f"gateway CPU ≤ {CPU_TARGET_MS} ms/request (c={row.concurrency}, small)",
-                                gw.gateway_cpu_ms_per_request <= CPU_TARGET_MS,
-                                f"{gw.gateway_cpu_ms_per_request:.3f} ms"))
+            checks.append(
+                check(
+                    f"gateway CPU ≤ {CPU_TARGET_MS} ms/request (c={row.concurrency}, small)",
+                    gw.gateway_cpu_ms_per_request <= CPU_TARGET_MS,
+                    f"{gw.gateway_cpu_ms_per_request:.3f} ms",
+                )
+            )
         if row.body == "small" and row.concurrency == 8 and gw.header_p99_ms is not None:
-            checks.append(check(f"header p99 ≤ {HEADER_P99_C8_TARGET_MS} ms (c=8, small)",
-                                gw.header_p99_ms <= HEADER_P99_C8_TARGET_MS, f"{gw.header_p99_ms:.3f} ms"))
+            checks.append(
+                check(
+                    f"header p99 ≤ {HEADER_P99_C8_TARGET_MS} ms (c=8, small)",
+                    gw.header_p99_ms <= HEADER_P99_C8_TARGET_MS,
+                    f"{gw.header_p99_ms:.3f} ms",
+                )
+            )
         if row.body == "large" and row.concurrency == 1:
-            checks.append(check(f"added p50 ≤ {LARGE_ADDED_P50_TARGET_MS} ms (c=1, 1.5 MB)",
-                                row.added_p50_ms <= LARGE_ADDED_P50_TARGET_MS, f"{row.added_p50_ms:.3f} ms"))
+            checks.append(
+                check(
+                    f"added p50 ≤ {LARGE_ADDED_P50_TARGET_MS} ms (c=1, 1.5 MB)",
+                    row.added_p50_ms <= LARGE_ADDED_P50_TARGET_MS,
+                    f"{row.added_p50_ms:.3f} ms",
+                )
+            )
         if gw.errors or row.direct.errors:
-            checks.append(check(f"no errors ({row.body}, c={row.concurrency})", False,
-                                f"direct {row.direct.errors}, gateway {gw.errors}"))
+            checks.append(
+                check(
+                    f"no errors ({row.body}, c={row.concurrency})",
+                    False,
+                    f"direct {row.direct.errors}, gateway {gw.errors}",
+                )
+            )
     return checks
 
 
@@ -453,31 +513,57 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = ("body", "conc", "direct p50/p90/p99 ms", "gateway p50/p90/p99 ms", "added p50/p90/p99 ms",
-            "header p50/p99 ms", "req/s direct", "req/s gateway", "gw CPU ms/req")
+    head = (
+        "body",
+        "conc",
+        "direct p50/p90/p99 ms",
+        "gateway p50/p90/p99 ms",
+        "added p50/p90/p99 ms",
+        "header p50/p99 ms",
+        "req/s direct",
+        "req/s gateway",
+        "gw CPU ms/req",
+    )
     lines = [head]
     for r in rows:
         d, g = r.direct, r.gateway
-        lines.append((
-            r.body, str(r.concurrency),
-            f"{d.p50_ms:.3f}/{d.p90_ms:.3f}/{d.p99_ms:.3f}",
-            f"{g.p50_ms:.3f}/{g.p90_ms:.3f}/{g.p99_ms:.3f}",
-            f"{r.added_p50_ms:+.3f}/{r.added_p90_ms:+.3f}/{r.added_p99_ms:+.3f}",
-            f"{fmt(g.header_p50_ms)}/{fmt(g.header_p99_ms)}",
-            f"{d.rps:.0f}", f"{g.rps:.0f}", fmt(g.gateway_cpu_ms_per_request),
-        ))
+        lines.append(
+            (
+                r.body,
+                str(r.concurrency),
+                f"{d.p50_ms:.3f}/{d.p90_ms:.3f}/{d.p99_ms:.3f}",
+                f"{g.p50_ms:.3f}/{g.p90_ms:.3f}/{g.p99_ms:.3f}",
+                f"{r.added_p50_ms:+.3f}/{r.added_p90_ms:+.3f}/{r.added_p99_ms:+.3f}",
+                f"{fmt(g.header_p50_ms)}/{fmt(g.header_p99_ms)}",
+                f"{d.rps:.0f}",
+                f"{g.rps:.0f}",
+                fmt(g.gateway_cpu_ms_per_request),
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = []
     for i, line in enumerate(lines):
-        out.append(" | ".join(cell.ljust(w) for cell, w in zip(line, widths)))
+        out.append(" | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
         if i == 0:
             out.append("-+-".join("-" * w for w in widths))
     return "\n".join(out)
 
 
-def measure(target: str, body_name: str, url: str, body: Path, conc: int, count: int, plan: Plan,
-            wrk: str, layout: Layout, work: Path, gateway: subprocess.Popen,
-            stub: subprocess.Popen, lines: LineCounter) -> Run:
+def measure(
+    target: str,
+    body_name: str,
+    url: str,
+    body: Path,
+    conc: int,
+    count: int,
+    plan: Plan,
+    wrk: str,
+    layout: Layout,
+    work: Path,
+    gateway: subprocess.Popen,
+    stub: subprocess.Popen,
+    lines: LineCounter,
+) -> Run:
     # Warm up: connections opened (the gateway's pool grows to the concurrency), code paths hot.
     run_wrk(wrk, url, body, conc, plan.warmup_requests, plan.max_seconds, layout.wrk, work)
     logged0 = lines.settle(quiet_s=0.05)
@@ -524,19 +610,35 @@ def main(argv: list[str] | None = None) -> int:
     bodies["small"].write_text(json.dumps(SMALL_BODY))
     bodies["large"].write_text(json.dumps(LARGE_BODY))
     log_path = work / "gateway.log"
-    print(f"layout {args.layout}; load average {os.getloadavg()[0]:.2f}; "
-          f"{'quick' if args.quick else 'full'} plan, repeat {plan.repeat}", flush=True)
+    print(
+        f"layout {args.layout}; load average {os.getloadavg()[0]:.2f}; "
+        f"{'quick' if args.quick else 'full'} plan, repeat {plan.repeat}",
+        flush=True,
+    )
 
     rows: list[Row] = []
     first = cpu_layout(args.layout, plan.concurrency[0])
-    with open(work / "stub.log", "wb") as stub_log, open(log_path, "wb") as gw_log, \
-            process([py, str(ROOT / "benchmarks" / "stub_server.py"), "--port", str(stub_port)],
-                    first.stub, stub_log, (stub_port, "/healthz")) as stub, \
-            process([py, "-m", "gateway", "serve", "--config", str(config), "--port", str(gw_port)],
-                    first.gateway, gw_log, (gw_port, "/healthz")) as gateway:
+    with (
+        open(work / "stub.log", "wb") as stub_log,
+        open(log_path, "wb") as gw_log,
+        process(
+            [py, str(ROOT / "benchmarks" / "stub_server.py"), "--port", str(stub_port)],
+            first.stub,
+            stub_log,
+            (stub_port, "/healthz"),
+        ) as stub,
+        process(
+            [py, "-m", "gateway", "serve", "--config", str(config), "--port", str(gw_port)],
+            first.gateway,
+            gw_log,
+            (gw_port, "/healthz"),
+        ) as gateway,
+    ):
         lines = LineCounter(log_path)
-        urls = {"direct": f"http://127.0.0.1:{stub_port}{GENERATIONS}",
-                "gateway": f"http://127.0.0.1:{gw_port}{GENERATIONS}"}
+        urls = {
+            "direct": f"http://127.0.0.1:{stub_port}{GENERATIONS}",
+            "gateway": f"http://127.0.0.1:{gw_port}{GENERATIONS}",
+        }
         for body_name in args.bodies:
             counts = plan.small_requests if body_name == "small" else plan.large_requests
             for conc in plan.concurrency:
@@ -547,15 +649,42 @@ def main(argv: list[str] | None = None) -> int:
                 runs: dict[str, list[Run]] = {"direct": [], "gateway": []}
                 for _ in range(plan.repeat):
                     for target in ("direct", "gateway"):
-                        runs[target].append(measure(target, body_name, urls[target], bodies[body_name], conc,
-                                                    count, plan, wrk, layout, work, gateway, stub, lines))
+                        runs[target].append(
+                            measure(
+                                target,
+                                body_name,
+                                urls[target],
+                                bodies[body_name],
+                                conc,
+                                count,
+                                plan,
+                                wrk,
+                                layout,
+                                work,
+                                gateway,
+                                stub,
+                                lines,
+                            )
+                        )
                 d, g = median_run(runs["direct"]), median_run(runs["gateway"])
-                row = Row(body_name, conc, layout.describe(), d, g, round(g.p50_ms - d.p50_ms, 3),
-                          round(g.p90_ms - d.p90_ms, 3), round(g.p99_ms - d.p99_ms, 3))
+                row = Row(
+                    body_name,
+                    conc,
+                    layout.describe(),
+                    d,
+                    g,
+                    round(g.p50_ms - d.p50_ms, 3),
+                    round(g.p90_ms - d.p90_ms, 3),
+                    round(g.p99_ms - d.p99_ms, 3),
+                )
                 rows.append(row)
-                print(f"  {body_name:<5} c={conc:<3} [{layout.name}] direct p50 {d.p50_ms:.3f} ms, gateway p50 {g.p50_ms:.3f} ms, "
-                      f"header p50 {fmt(g.header_p50_ms)} ms, gateway CPU {fmt(g.gateway_cpu_ms_per_request)} "
-                      f"ms/req, {g.rps:.0f} req/s", flush=True)
+                print(
+                    f"  {body_name:<5} c={conc:<3} [{layout.name}] direct p50 {d.p50_ms:.3f} ms, "
+                    f"gateway p50 {g.p50_ms:.3f} ms, "
+                    f"header p50 {fmt(g.header_p50_ms)} ms, gateway CPU {fmt(g.gateway_cpu_ms_per_request)} "
+                    f"ms/req, {g.rps:.0f} req/s",
+                    flush=True,
+                )
 
     checks = evaluate(rows)
     print()
@@ -566,18 +695,30 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.time() - started
     print(f"\n{elapsed:.0f} s; results in {args.out}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "meta": {
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "seconds": round(elapsed, 1),
-            "mode": "quick" if args.quick else "full", "repeat": plan.repeat,
-            "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "layout": args.layout, "load_average_at_end": os.getloadavg()[0],
-            "load_generator": subprocess.run([wrk, "--version"], capture_output=True, text=True).stdout.split("\n")[0],
-            "bodies": {"small": SMALL_BODY, "large": LARGE_BODY},
-        },
-        "rows": [asdict(r) for r in rows],
-        "checks": checks,
-    }, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "meta": {
+                    "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                    "seconds": round(elapsed, 1),
+                    "mode": "quick" if args.quick else "full",
+                    "repeat": plan.repeat,
+                    "python": platform.python_version(),
+                    "machine": platform.machine(),
+                    "cpus": os.cpu_count(),
+                    "layout": args.layout,
+                    "load_average_at_end": os.getloadavg()[0],
+                    "load_generator": subprocess.run([wrk, "--version"], capture_output=True, text=True).stdout.split(
+                        "\n"
+                    )[0],
+                    "bodies": {"small": SMALL_BODY, "large": LARGE_BODY},
+                },
+                "rows": [asdict(r) for r in rows],
+                "checks": checks,
+            },
+            indent=2,
+        )
+    )
     if args.keep_log:
         print(f"gateway log: {log_path}")
     else:

@@ -29,6 +29,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,18 +79,30 @@ class Bench:
     def peak_gib(self) -> float | None:
         return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else None
 
-    def unet_forward_s(self, unet: Callable[..., Any], sample: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
-                       pooled: torch.Tensor, time_ids: torch.Tensor, repeats: int = 5) -> float:
+    def unet_forward_s(
+        self,
+        unet: Callable[..., Any],
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        time_ids: torch.Tensor,
+        repeats: int = 5,
+    ) -> float:
         """Seconds per CFG UNet forward, back to back (the kernel time a step cannot go below)."""
         added = {"text_embeds": pooled, "time_ids": time_ids}
 
         def call() -> None:
             unet(sample, t, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)
 
+        def burst() -> None:
+            for _ in range(3):
+                call()
+
         call()
         # Median over short back-to-back bursts: bursts keep the GPU queue full (kernel time, not launch
         # latency); the median shrugs off a burst disturbed by something else on the machine.
-        return statistics.median(self.timed(lambda: [call() for _ in range(3)])[0] / 3 for _ in range(repeats))
+        return statistics.median(self.timed(burst)[0] / 3 for _ in range(repeats))
 
     def skip(self, what: str, need_s: float) -> bool:
         if self.left() < need_s:
@@ -104,8 +117,13 @@ def unet_flops(unet: Any, sample, t, embeds, pooled, time_ids) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        unet(sample, t, encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-             return_dict=False)
+        unet(
+            sample,
+            t,
+            encoder_hidden_states=embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+            return_dict=False,
+        )
     return float(counter.get_total_flops())
 
 
@@ -117,16 +135,25 @@ def run_stock(b: Bench) -> dict[str, Any]:
 
     from backends.local_sdxl.presets import load_components
 
-    a, res = b.args, {}
+    a = b.args
+    res: dict[str, Any] = {}
     half = torch.float16 if b.cuda else torch.float32
     b.reset_memory()
     start = time.perf_counter()
-    c = load_components(preset=a.preset, model=a.model, taesd=None, device=b.device, dtype=half, vae_dtype=half,
-                        seed=0, variant="fp16")
+    c = load_components(
+        preset=a.preset, model=a.model, taesd=None, device=b.device, dtype=half, vae_dtype=half, seed=0, variant="fp16"
+    )
     pipe = StableDiffusionXLPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2, tokenizer=c.tokenizer,
-        tokenizer_2=c.tokenizer_2, unet=c.unet, force_zeros_for_empty_prompt=True, add_watermarker=False,
-        scheduler=DPMSolverMultistepScheduler.from_config(c.scheduler_config, use_karras_sigmas=True))
+        vae=c.vae,
+        text_encoder=c.text_encoder,
+        text_encoder_2=c.text_encoder_2,
+        tokenizer=c.tokenizer,
+        tokenizer_2=c.tokenizer_2,
+        unet=c.unet,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+        scheduler=DPMSolverMultistepScheduler.from_config(c.scheduler_config, use_karras_sigmas=True),
+    )
     pipe.set_progress_bar_config(disable=True)
     res["load_s"] = time.perf_counter() - start
     size = a.size
@@ -138,9 +165,16 @@ def run_stock(b: Bench) -> dict[str, Any]:
                 marks["looped"] = time.perf_counter()
             return {}
 
-        return pipe(prompt=prompt or b.prompt(), height=size, width=size, num_inference_steps=steps,
-                    guidance_scale=a.guidance, num_images_per_prompt=n, callback_on_step_end=at_step_end,
-                    generator=[torch.Generator(b.device).manual_seed(i) for i in range(n)])
+        return pipe(
+            prompt=prompt or b.prompt(),
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=a.guidance,
+            num_images_per_prompt=n,
+            callback_on_step_end=at_step_end,
+            generator=[torch.Generator(b.device).manual_seed(i) for i in range(n)],
+        )
 
     # Stage boundaries inside the stock call itself: encode_prompt's return and the last step's end (one
     # sync each), so the stages of one run add up to its total (no subtraction across runs).
@@ -162,8 +196,12 @@ def run_stock(b: Bench) -> dict[str, Any]:
             end = time.perf_counter()
         finally:
             pipe.encode_prompt = encode_prompt
-        return {"text_encode_s": marks["encoded"] - start, "denoise_s": marks["looped"] - marks["encoded"],
-                "decode_s": end - marks["looped"], "total_s": end - start}
+        return {
+            "text_encode_s": marks["encoded"] - start,
+            "denoise_s": marks["looped"] - marks["encoded"],
+            "decode_s": end - marks["looped"],
+            "total_s": end - start,
+        }
 
     res["text_encode_cold_s"] = b.timed(lambda: pipe.encode_prompt(b.prompt(), device=b.device))[0]
     res["first_call_s"] = b.timed(lambda: call(a.steps))[0]
@@ -186,7 +224,7 @@ def run_stock(b: Bench) -> dict[str, Any]:
     for n in a.batches:
         if n > 1 and b.skip(f"stock batch {n}", 3 * n * res["first_call_s"]):
             continue
-        res["images_per_s"][n] = n / b.median(lambda n=n: call(a.steps, n=n), repeats=2)
+        res["images_per_s"][n] = n / b.median(partial(call, a.steps, n=n), repeats=2)
     res["peak_gib"] = b.peak_gib()
     return res  # the pipeline is freed with this frame; main() then empties the allocator cache
 
@@ -199,9 +237,15 @@ def run_tuned(b: Bench, overrides: dict[str, Any]) -> dict[str, Any]:
     from backends.local_sdxl.settings import Settings
     from backends.settings import build
 
-    a, res = b.args, {}
-    raw: dict[str, Any] = {"device": a.device, "shapes": [{"width": a.size, "height": a.size, "batch": 1}],
-                           "default_steps": a.steps, "default_guidance": a.guidance, "compile_mode": a.compile_mode}
+    a = b.args
+    res: dict[str, Any] = {}
+    raw: dict[str, Any] = {
+        "device": a.device,
+        "shapes": [{"width": a.size, "height": a.size, "batch": 1}],
+        "default_steps": a.steps,
+        "default_guidance": a.guidance,
+        "compile_mode": a.compile_mode,
+    }
     raw.update({"preset": a.preset} if a.preset else {"model": a.model, "taesd": a.taesd})
     if a.compile is not None:
         raw["compile"] = a.compile == "on"
@@ -218,8 +262,20 @@ def run_tuned(b: Bench, overrides: dict[str, Any]) -> dict[str, Any]:
 
         def batch(steps: int, decoder: str, n: int = 1, prompt: str | None = None) -> Batch:
             text = prompt or b.prompt()
-            return Batch(size, size, steps, decoder, tuple((f"{text} {i}", None) for i in range(n)),
-                         tuple(range(n)), (a.guidance,) * n, n)
+            return Batch(
+                size,
+                size,
+                steps,
+                decoder,
+                tuple((f"{text} {i}", None) for i in range(n)),
+                tuple(range(n)),
+                (a.guidance,) * n,
+                n,
+            )
+
+        def run(steps: int, decoder: str, n: int = 1) -> Any:
+            """One run with a fresh batch (``batch`` draws a new prompt each time: no embedding cache hit)."""
+            return p.run(batch(steps, decoder, n))
 
         res["first_request_s"] = b.timed(lambda: p.run(batch(a.steps, "full")))[0]
         res["text_encode_cold_s"] = p.warm_timings.get("text_encode_cold")
@@ -235,17 +291,19 @@ def run_tuned(b: Bench, overrides: dict[str, Any]) -> dict[str, Any]:
                 if b.skip(f"tuned at {steps} steps", 20):
                     continue
                 if p.resolved.cuda_graphs:
-                    res[f"capture_{steps}_s"] = b.timed(lambda s=steps: p.capture(size, size, 1, s))[0]
+                    res[f"capture_{steps}_s"] = b.timed(partial(p.capture, size, size, 1, steps))[0]
             for decoder in p.decoders:
                 p.run(batch(steps, decoder))  # first run of this step count / decoder: not timed
-                samples = [b.timed(lambda s=steps, d=decoder: p.run(batch(s, d))) for _ in range(a.repeats)]
+                samples = [b.timed(partial(run, steps, decoder)) for _ in range(a.repeats)]
                 res[f"steps{steps}_{decoder}"] = {
                     "total_s": statistics.median(wall for wall, _ in samples),
                     **{f"{k}_s": statistics.median(out.stages[k] for _, out in samples) for k in samples[0][1].stages},
-                    "graphed": samples[0][1].graphed}
+                    "graphed": samples[0][1].graphed,
+                }
         embeds, pooled = p.embeddings(batch(a.steps, "full"))
-        lat = torch.randn(2, p.latent_channels, size // p.vae_scale, size // p.vae_scale, device=p.device,
-                          dtype=p.dtype)
+        lat = torch.randn(
+            2, p.latent_channels, size // p.vae_scale, size // p.vae_scale, device=p.device, dtype=p.dtype
+        )
         args = (lat, p.plan(a.steps).timestep(p.plan(a.steps).index(0)), embeds, pooled, p.time_ids(size, size, 1))
         res["unet_step_s"] = b.unet_forward_s(p.unet_fast, *args)
         res["steady_s"] = res[f"steps{a.steps}_full"]["total_s"]
@@ -255,12 +313,12 @@ def run_tuned(b: Bench, overrides: dict[str, Any]) -> dict[str, Any]:
                 continue
             if b.skip(f"tuned batch {n} (compile + capture)", 120 if p.resolved.compile else 10 * n * res["steady_s"]):
                 continue
-            compile_s = b.timed(lambda n=n: p.run(batch(2, "full", n)))[0]
+            compile_s = b.timed(partial(run, 2, "full", n))[0]
             if p.resolved.cuda_graphs:
-                compile_s += b.timed(lambda n=n: p.capture(size, size, n, a.steps))[0]
+                compile_s += b.timed(partial(p.capture, size, size, n, a.steps))[0]
             res.setdefault("extra_shape_warmup_s", {})[n] = compile_s
             p.run(batch(a.steps, "full", n))
-            res["images_per_s"][n] = n / b.median(lambda n=n: p.run(batch(a.steps, "full", n)), repeats=2)
+            res["images_per_s"][n] = n / b.median(partial(run, a.steps, "full", n), repeats=2)
         png = p.run(batch(a.steps, "full"))
         from PIL import Image as PILImage
 
@@ -285,9 +343,14 @@ def run_tuned_or_degrade(b: Bench) -> dict[str, Any]:
             torch._dynamo.reset()
         try:
             res = run_tuned(b, overrides)
-        except Exception as exc:
-            failed.append({"overrides": overrides, "error": f"{type(exc).__name__}: {exc}"[:2000],
-                           "traceback": traceback.format_exc()[-6000:]})
+        except Exception as exc:  # noqa: BLE001 - any failure of a rung (compile, capture, OOM) tries the next
+            failed.append(
+                {
+                    "overrides": overrides,
+                    "error": f"{type(exc).__name__}: {exc}"[:2000],
+                    "traceback": traceback.format_exc()[-6000:],
+                }
+            )
             print(f"(b) tuned FAILED with overrides {overrides}:\n{failed[-1]['traceback']}", flush=True)
             continue
         res["overrides"], res["failed"] = overrides, failed
@@ -302,7 +365,10 @@ def report(b: Bench, stock: dict[str, Any] | None, tuned: dict[str, Any]) -> dic
     a = b.args
     flop = (stock or {}).get("unet_cfg_step_flop") or 2 * UNET_TFLOP_1024 * 1e12 * (a.size / 1024) ** 2
     rows: list[tuple[str, Any, Any, Any]] = []
-    ms = lambda s: None if s is None else s * 1e3
+
+    def ms(s: float | None) -> float | None:
+        return None if s is None else s * 1e3
+
     s_main = (stock or {}).get(f"steps{a.steps}", {})
     full, tae = tuned.get(f"steps{a.steps}_full", {}), tuned.get(f"steps{a.steps}_taesd", {})
 
@@ -310,33 +376,79 @@ def report(b: Bench, stock: dict[str, Any] | None, tuned: dict[str, Any]) -> dic
         return None if denoise is None or unet_s is None else denoise - a.steps * unet_s
 
     rows += [
-        ("text encode, cold (ms)", ms((stock or {}).get("text_encode_cold_s")), ms(tuned.get("text_encode_cold_s")), None),
-        ("text encode, warm (ms)", ms((stock or {}).get("text_encode_warm_s")), ms(tuned.get("text_encode_warm_s")), None),
+        (
+            "text encode, cold (ms)",
+            ms((stock or {}).get("text_encode_cold_s")),
+            ms(tuned.get("text_encode_cold_s")),
+            None,
+        ),
+        (
+            "text encode, warm (ms)",
+            ms((stock or {}).get("text_encode_warm_s")),
+            ms(tuned.get("text_encode_warm_s")),
+            None,
+        ),
         ("text encode, cached (ms)", None, ms(tuned.get("text_encode_cached_s")), None),
-        (f"denoise, {a.steps} steps (ms)", ms(s_main.get("denoise_s")), ms(full.get("denoise_s")), ms(tae.get("denoise_s"))),
-        ("  UNet kernels, steps x fwd (ms)", ms(a.steps * stock["unet_step_s"]) if stock else None,
-         ms(a.steps * tuned["unet_step_s"]), None),
-        ("  loop outside UNet (ms)", ms(loop_outside(s_main.get("denoise_s"), (stock or {}).get("unet_step_s"))),
-         ms(loop_outside(full.get("denoise_s"), tuned["unet_step_s"])), None),
+        (
+            f"denoise, {a.steps} steps (ms)",
+            ms(s_main.get("denoise_s")),
+            ms(full.get("denoise_s")),
+            ms(tae.get("denoise_s")),
+        ),
+        (
+            "  UNet kernels, steps x fwd (ms)",
+            ms(a.steps * stock["unet_step_s"]) if stock else None,
+            ms(a.steps * tuned["unet_step_s"]),
+            None,
+        ),
+        (
+            "  loop outside UNet (ms)",
+            ms(loop_outside(s_main.get("denoise_s"), (stock or {}).get("unet_step_s"))),
+            ms(loop_outside(full.get("denoise_s"), tuned["unet_step_s"])),
+            None,
+        ),
         ("decode (ms)", ms(s_main.get("decode_s")), ms(full.get("decode_s")), ms(tae.get("decode_s"))),
         (f"total, {a.steps} steps (ms)", ms(s_main.get("total_s")), ms(full.get("total_s")), ms(tae.get("total_s"))),
     ]
     if a.also_steps:
         s30 = (stock or {}).get(f"steps{a.also_steps}", {})
-        rows.append((f"total, {a.also_steps} steps (ms)", ms(s30.get("total_s")),
-                     ms(tuned.get(f"steps{a.also_steps}_full", {}).get("total_s")),
-                     ms(tuned.get(f"steps{a.also_steps}_taesd", {}).get("total_s"))))
-    tflops = lambda d: None if not d else flop * a.steps / d / 1e12
+        rows.append(
+            (
+                f"total, {a.also_steps} steps (ms)",
+                ms(s30.get("total_s")),
+                ms(tuned.get(f"steps{a.also_steps}_full", {}).get("total_s")),
+                ms(tuned.get(f"steps{a.also_steps}_taesd", {}).get("total_s")),
+            )
+        )
+
+    def tflops(d: float | None) -> float | None:
+        return None if not d else flop * a.steps / d / 1e12
+
     rows += [
         ("UNet TFLOP/s over denoise", tflops(s_main.get("denoise_s")), tflops(full.get("denoise_s")), None),
-        ("UNet TFLOP/s, kernels only", tflops(a.steps * stock["unet_step_s"]) if stock else None,
-         tflops(a.steps * tuned["unet_step_s"]), None),
+        (
+            "UNet TFLOP/s, kernels only",
+            tflops(a.steps * stock["unet_step_s"]) if stock else None,
+            tflops(a.steps * tuned["unet_step_s"]),
+            None,
+        ),
         ("start to ready (s)", (stock or {}).get("start_to_ready_s"), tuned.get("start_to_ready_s"), None),
-        ("first request after ready (ms)", ms((stock or {}).get("first_call_s")), ms(tuned.get("first_request_s")), None),
+        (
+            "first request after ready (ms)",
+            ms((stock or {}).get("first_call_s")),
+            ms(tuned.get("first_request_s")),
+            None,
+        ),
     ]
     for n in a.batches:
-        rows.append((f"images/s at batch {n}", (stock or {}).get("images_per_s", {}).get(n),
-                     tuned.get("images_per_s", {}).get(n), None))
+        rows.append(
+            (
+                f"images/s at batch {n}",
+                (stock or {}).get("images_per_s", {}).get(n),
+                tuned.get("images_per_s", {}).get(n),
+                None,
+            )
+        )
     rows.append(("peak GPU memory (GiB)", (stock or {}).get("peak_gib"), tuned.get("peak_gib"), None))
 
     def fmt(v: Any) -> str:
@@ -361,22 +473,30 @@ def report(b: Bench, stock: dict[str, Any] | None, tuned: dict[str, Any]) -> dic
             <= 0.02 * full["denoise_s"],
             "first_request_within_10pct": first <= 1.1 * steady,
         }
-        print("\nissue targets (H100, 1024x1024, 24 steps):", ", ".join(f"{k}={'PASS' if v else 'FAIL'}"
-                                                                        for k, v in checks.items()))
+        print(
+            "\nissue targets (H100, 1024x1024, 24 steps):",
+            ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in checks.items()),
+        )
     print(f"sync-free loop check: {tuned.get('sync_free_loop', 'not run (CPU)')}")
     if tuned.get("overrides"):
         print(f"NOTE (b)/(c) ran with {tuned['overrides']} after {len(tuned['failed'])} failure(s) (see above / JSON)")
     if b.out["skipped"]:
         print("skipped:", "; ".join(b.out["skipped"]))
-    return {"rows": [dict(zip(("stage", "stock", "tuned", "taesd"), r)) for r in rows], "targets": checks}
+    return {"rows": [dict(zip(("stage", "stock", "tuned", "taesd"), r, strict=True)) for r in rows], "targets": checks}
 
 
 def environment(b: Bench) -> dict[str, Any]:
     import diffusers
     import transformers
 
-    env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "device": str(b.device), "cpu_threads": torch.get_num_threads()}
+    env = {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(b.device),
+        "cpu_threads": torch.get_num_threads(),
+    }
     if b.cuda:
         env["gpu"] = torch.cuda.get_device_name(b.device)
         env["cuda"] = torch.version.cuda
@@ -386,8 +506,11 @@ def environment(b: Bench) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=["tiny", "sdxl-random"], help="random-weight architecture (default: "
-                    "sdxl-random on CUDA, tiny on CPU) unless --model is given")
+    ap.add_argument(
+        "--preset",
+        choices=["tiny", "sdxl-random"],
+        help="random-weight architecture (default: sdxl-random on CUDA, tiny on CPU) unless --model is given",
+    )
     ap.add_argument("--model", help="hub id or folder with real weights (instead of --preset)")
     ap.add_argument("--taesd", help="TAESD hub id or folder (with --model)")
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
@@ -421,8 +544,15 @@ def main(argv: list[str] | None = None) -> int:
     tuned = run_tuned_or_degrade(b)
     print(f"(b)/(c) tuned done at {time.perf_counter() - b.t0:.0f}s", flush=True)
     summary = report(b, stock, tuned)
-    result = {"environment": env, "args": vars(a), "stock": stock, "tuned": tuned,
-              "summary": summary, "skipped": b.out["skipped"], "wall_s": time.perf_counter() - b.t0}
+    result = {
+        "environment": env,
+        "args": vars(a),
+        "stock": stock,
+        "tuned": tuned,
+        "summary": summary,
+        "skipped": b.out["skipped"],
+        "wall_s": time.perf_counter() - b.t0,
+    }
     if a.json:
         write_json(a.json, result)
         print(f"wrote {a.json}")

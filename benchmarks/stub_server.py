@@ -93,8 +93,13 @@ class StubApp:
 
 
 async def _send(send: Any, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -111,8 +116,16 @@ def main() -> None:
 
     app = StubApp(args.large_size, args.large_b64_bytes)
     print(f"stub pid={os.getpid()} large image: {len(app.large_b64)} base64 chars", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, loop="auto", http="auto", access_log=False,
-                log_level="warning", timeout_keep_alive=60)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        loop="auto",
+        http="auto",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=60,
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,20 @@ _QUALITIES = ("auto", "low", "medium", "high", "standard", "hd")
 _IGNORED = ("background", "style", "moderation", "partial_images")
 _EXTENSIONS = ("tier", "seed", "steps", "guidance_scale", "negative_prompt", "max_cost_usd")
 _KNOWN = frozenset(
-    ("prompt", "model", "n", "size", "quality", "response_format", "output_format", "output_compression",
-     "user", "stream", *_IGNORED, *_EXTENSIONS)
+    (
+        "prompt",
+        "model",
+        "n",
+        "size",
+        "quality",
+        "response_format",
+        "output_format",
+        "output_compression",
+        "user",
+        "stream",
+        *_IGNORED,
+        *_EXTENSIONS,
+    )
 )
 # X-Imagegate-<Name> header → body field, for the extension fields.
 HEADER_FIELDS = {f"x-imagegate-{name.replace('_', '-')}": name for name in _EXTENSIONS}
@@ -67,16 +79,17 @@ def number(value: object, key: str, lo: float, hi: float, *, integer: bool) -> i
     """
     got: int | float
     # ``type(...) is``, not isinstance: bool is an int subclass and must not pass as a number.
-    if type(value) is int:
-        got = value
-    elif type(value) is float and not integer:
+    if type(value) is int or (type(value) is float and not integer):
         got = value
     elif type(value) is HeaderText:
         text = value.strip(" \t")
         pattern = _INT_TEXT if integer else _FLOAT_TEXT
         if len(text) > MAX_TEXT_CHARS or pattern.fullmatch(text) is None:
-            raise InvalidRequest(f"'{key}' must be {'an integer' if integer else 'a number'} (ASCII digits), "
-                                 f"got {text[:MAX_TEXT_CHARS]!r}", param=key)
+            raise InvalidRequest(
+                f"'{key}' must be {'an integer' if integer else 'a number'} (ASCII digits), "
+                f"got {text[:MAX_TEXT_CHARS]!r}",
+                param=key,
+            )
         got = int(text) if integer else float(text)
     else:
         raise InvalidRequest(f"'{key}' must be {'an integer' if integer else 'a number'}", param=key)
@@ -125,8 +138,9 @@ def parse_size(value: str | None, default: str) -> tuple[int, int]:
         value = default
     m = _SIZE.match(value)
     if not m:
-        raise InvalidRequest(f"'size' must be WIDTHxHEIGHT (e.g. 1024x1024) or 'auto', got {value[:40]!r}",
-                             param="size")
+        raise InvalidRequest(
+            f"'size' must be WIDTHxHEIGHT (e.g. 1024x1024) or 'auto', got {value[:40]!r}", param="size"
+        )
     width, height = int(m.group(1)), int(m.group(2))
     if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
         raise InvalidRequest(f"'size' sides must be between 1 and {MAX_SIDE}, got {value}", param="size")

@@ -55,17 +55,22 @@ class Gateway:
     def __init__(self, config: Config, backends: Mapping[str, Backend] | None = None) -> None:
         self.config = config
         set_secrets(config.secrets)  # logged tracebacks and error fields are scrubbed of them
-        self.backends: dict[str, Backend] = dict(backends) if backends is not None else {
-            name: registry.create(b.spec) for name, b in config.backends.items()
-        }
+        self.backends: dict[str, Backend] = (
+            dict(backends)
+            if backends is not None
+            else {name: registry.create(b.spec) for name, b in config.backends.items()}
+        )
         self.log = get_logger("imagegate")
         self.metrics = Metrics(self.backends)
         self.stats = StatsBook(self.backends, config.server.cooldown_failures, config.server.cooldown_s)
         self.dispatcher = Dispatcher(config, self.backends, self.stats, on_attempt=self.metrics.observe_attempt)
         self.images = open_store(config.server)
         self.generations = GenerationsHandler(
-            dispatcher=self.dispatcher, metrics=self.metrics, images=self.images,
-            log=get_logger("imagegate.access"), base_url=self._base_url,
+            dispatcher=self.dispatcher,
+            metrics=self.metrics,
+            images=self.images,
+            log=get_logger("imagegate.access"),
+            base_url=self._base_url,
         )
         self.startup: dict[str, dict[str, Any]] = {name: {"state": "pending"} for name in self.backends}
         self._start_tasks: list[asyncio.Task[None]] = []
@@ -79,7 +84,8 @@ class Gateway:
                 Route("/v1/images/files/{key}", self.image_file),
                 Route(GENERATIONS, self.generations_wrong_method, methods=["GET", "PUT", "DELETE", "PATCH"]),
             ],
-            exception_handlers={HTTPException: self._http_exception},  # type: ignore[dict-item]
+            # Registered for HTTPException only; starlette's type for a handler takes any Exception.
+            exception_handlers={HTTPException: self._http_exception},  # type: ignore[dict-item]  # see above
             lifespan=self._lifespan,
         )
 
@@ -94,8 +100,9 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        self.log.info("starting", config=self.config.source, backends=list(self.backends),
-                      disabled=dict(self.config.disabled))
+        self.log.info(
+            "starting", config=self.config.source, backends=list(self.backends), disabled=dict(self.config.disabled)
+        )
         self._start_tasks = [asyncio.create_task(self._start(name, b)) for name, b in self.backends.items()]
         if self._start_tasks:
             await asyncio.wait(self._start_tasks, timeout=self.config.server.startup_wait_s)
@@ -115,7 +122,7 @@ class Gateway:
             await backend.start()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - however it fails, the backend is reported, the rest start
             message = errors.scrub(f"{type(exc).__name__}: {exc}", self.config.secrets, limit=500)
             self.startup[name] = {"state": "failed", "error": message}
             required = self.config.backends[name].required
@@ -148,9 +155,12 @@ class Gateway:
         data = []
         for name in cfg.models:
             tier = cfg.tiers.get(name)
-            routes = [r for r in cfg.routes
-                      if (name in r.match.tiers or (tier is not None and not r.match.tiers and not r.match.models))
-                      or name in r.match.models]
+            routes = [
+                r
+                for r in cfg.routes
+                if (name in r.match.tiers or (tier is not None and not r.match.tiers and not r.match.models))
+                or name in r.match.models
+            ]
             backends = list(dict.fromkeys(c.backend for r in routes for c in r.candidates))
             # Only backends that can ever serve it: the router drops a candidate below the tier's quality
             # floor (a model named without a tier gets the default tier's).
@@ -158,17 +168,27 @@ class Gateway:
             floor = floor_tier.quality_floor if floor_tier else 0.0
             serving = [b for b in backends if cfg.backends[b].quality >= floor]
             entry: dict[str, Any] = {
-                "id": name, "object": "model", "created": 0, "owned_by": "imagegate",
-                "kind": "tier" if tier else "model", "routes": [r.name for r in routes],
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "imagegate",
+                "kind": "tier" if tier else "model",
+                "routes": [r.name for r in routes],
                 "backends": [self._describe(b) for b in serving],
             }
             if not serving:
-                entry["note"] = (f"no backend meets quality_floor {floor}"
-                                 + (f" of tier {floor_tier.name!r}" if floor_tier and not tier else "")
-                                 if backends else "no backend is configured for it")
+                entry["note"] = (
+                    f"no backend meets quality_floor {floor}"
+                    + (f" of tier {floor_tier.name!r}" if floor_tier and not tier else "")
+                    if backends
+                    else "no backend is configured for it"
+                )
             if tier:
-                entry.update(quality_floor=tier.quality_floor, latency_budget_s=tier.latency_budget_s,
-                             description=tier.description)
+                entry.update(
+                    quality_floor=tier.quality_floor,
+                    latency_budget_s=tier.latency_budget_s,
+                    description=tier.description,
+                )
             data.append(entry)
         return _json({"object": "list", "data": data})
 
@@ -176,12 +196,18 @@ class Gateway:
         b = self.config.backends[name]
         # A backend may describe itself (the local backend says plainly when its weights are random).
         description = getattr(self.backends[name], "description", None) or b.description
-        return {"name": name, "type": b.type, "quality": b.quality, "description": description,
-                "ready": self.backends[name].ready()}
+        return {
+            "name": name,
+            "type": b.type,
+            "quality": b.quality,
+            "description": description,
+            "ready": self.backends[name].ready(),
+        }
 
     async def show_config(self, request: Request) -> Response:
-        return _json({"source": self.config.source, "config": self.config.redacted(),
-                      "disabled": dict(self.config.disabled)})
+        return _json(
+            {"source": self.config.source, "config": self.config.redacted(), "disabled": dict(self.config.disabled)}
+        )
 
     async def image_file(self, request: Request) -> Response:
         item = self.images.get(request.path_params["key"])
@@ -198,8 +224,17 @@ class Gateway:
             return _error(errors.NotFound(f"no such endpoint: {request.url.path}"))
         if exc.status_code == 405:
             return _error(errors.MethodNotAllowed(f"method {request.method} not allowed here"))
-        return _json({"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
-                                "code": str(exc.status_code)}}, exc.status_code)
+        return _json(
+            {
+                "error": {
+                    "message": str(exc.detail),
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": str(exc.status_code),
+                }
+            },
+            exc.status_code,
+        )
 
     def _base_url(self, scope: Scope) -> str:
         """Where image links point: ``server.public_url``, else the address this server is bound to (the

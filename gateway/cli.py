@@ -17,8 +17,11 @@ from gateway.images import IMAGE_DIR_ENV
 
 def _fmt_price(config: Config, name: str) -> str:
     cost = config.backends[name].cost
-    parts = [f"{k}={getattr(cost, k)}" for k in ("per_image", "per_megapixel", "per_step", "per_gpu_second",
-                                                 "per_second") if getattr(cost, k) is not None]
+    parts = [
+        f"{k}={getattr(cost, k)}"
+        for k in ("per_image", "per_megapixel", "per_step", "per_gpu_second", "per_second")
+        if getattr(cost, k) is not None
+    ]
     return ", ".join(parts) or "unknown"
 
 
@@ -41,11 +44,19 @@ def describe(config: Config) -> str:
     for name, t in config.tiers.items():
         default = " (default)" if name == config.default_tier else ""
         picked = f" picked by quality={list(t.qualities)}" if t.qualities else ""
-        lines.append(f"  {name:<16} quality_floor={t.quality_floor} latency_budget_s={t.latency_budget_s}{default}{picked}")
+        lines.append(
+            f"  {name:<16} quality_floor={t.quality_floor} latency_budget_s={t.latency_budget_s}{default}{picked}"
+        )
     lines += ["", "routes:"]
     for r in config.routes:
-        match = ", ".join(f"{k}={list(v)}" for k, v in (("models", r.match.models), ("tiers", r.match.tiers),
-                                                         ("sizes", r.match.sizes)) if v) or "anything"
+        match = (
+            ", ".join(
+                f"{k}={list(v)}"
+                for k, v in (("models", r.match.models), ("tiers", r.match.tiers), ("sizes", r.match.sizes))
+                if v
+            )
+            or "anything"
+        )
         cands = " → ".join(c.backend + (f"{dict(c.options)}" if c.options else "") for c in r.candidates)
         lines.append(f"  {r.name:<16} match {match}; strategy {r.strategy}: {cands}")
     return "\n".join(lines)
@@ -83,11 +94,13 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         local = [name for name, b in config.backends.items() if b.type == "local_sdxl"]
         if local:
             # Each worker would load its own copy of the model onto the same device (and run its own queue).
-            print(f"imagegate: --workers {args.workers} cannot be used with a local_sdxl backend "
-                  f"({', '.join(local)}): every worker process would load its own copy of the model onto "
-                  "the same device. Serve it with one worker (the local backend batches requests on its "
-                  "device worker), or run the model in its own server (cog, Triton) behind a remote backend.",
-                  file=sys.stderr)
+            print(
+                f"imagegate: --workers {args.workers} cannot be used with a local_sdxl backend "
+                f"({', '.join(local)}): every worker process would load its own copy of the model onto "
+                "the same device. Serve it with one worker (the local backend batches requests on its "
+                "device worker), or run the model in its own server (cog, Triton) behind a remote backend.",
+                file=sys.stderr,
+            )
             return 2
 
     import uvicorn
@@ -112,8 +125,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     if not config.server.image_dir:
         scratch = tempfile.mkdtemp(prefix="imagegate-images-")
         os.environ[IMAGE_DIR_ENV] = scratch
-    print(f"imagegate {__version__} serving {config.source} on {where} with {args.workers} workers",
-          file=sys.stderr)
+    print(f"imagegate {__version__} serving {config.source} on {where} with {args.workers} workers", file=sys.stderr)
     try:
         uvicorn.run("gateway.app:app_from_env", factory=True, workers=args.workers, **kwargs)
     finally:

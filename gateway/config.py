@@ -307,8 +307,9 @@ def _parse(doc: Any, source: str) -> Config:
     for tier in tiers.values():
         for quality in tier.qualities:
             if quality in claimed:
-                raise SettingsError(f"tiers.{tier.name}.qualities",
-                                    f"quality {quality!r} already selects tier {claimed[quality]!r}")
+                raise SettingsError(
+                    f"tiers.{tier.name}.qualities", f"quality {quality!r} already selects tier {claimed[quality]!r}"
+                )
             claimed[quality] = tier.name
     default_tier = doc.get("default_tier")
     if default_tier is not None and default_tier not in tiers:

@@ -23,7 +23,7 @@ from gateway.timing import RequestTiming
 
 class RequestContext:
     # Slots, no dataclass machinery: one is created per request on the hot path.
-    __slots__ = ("request_id", "timing", "request", "route", "tier", "attempts", "backend", "result", "cost_usd")
+    __slots__ = ("attempts", "backend", "cost_usd", "request", "request_id", "result", "route", "tier", "timing")
 
     def __init__(self, request_id: str, timing: RequestTiming, request: ImageRequest | None = None) -> None:
         self.request_id = request_id

@@ -162,8 +162,9 @@ class Dispatcher:
             if limit.locked():
                 # Our own limit: waiting for a slot would only queue here, so fall through now.
                 wait = backend.load().est_wait_s
-                raise BackendQueueFull(f"{name}: at max_concurrency={backend.spec.max_concurrency}",
-                                       retry_after=wait if wait > 0 else None)
+                raise BackendQueueFull(
+                    f"{name}: at max_concurrency={backend.spec.max_concurrency}", retry_after=wait if wait > 0 else None
+                )
             timeout = backend.spec.timeouts.total
             remaining = request.remaining()
             if remaining is not None:
@@ -194,7 +195,7 @@ class Dispatcher:
         except asyncio.CancelledError:
             outcome = "gateway.client_disconnected"
             raise
-        except Exception as exc:  # a backend bug: contain it, report it as that backend's failure
+        except Exception as exc:  # noqa: BLE001 - a backend bug: contain it, report it as that backend's failure
             outcome = "backend.backend_failed"
             # The traceback is what makes the bug fixable; the log processor scrubs secrets from it.
             _log.error("backend_bug", backend=name, request_id=request.request_id, exc_info=exc)
@@ -208,9 +209,7 @@ class Dispatcher:
                 self.on_attempt(name, outcome, clock.backend_s, clock.stages)
 
     @staticmethod
-    def _exhausted(
-        attempts: list[AttemptRecord], last: ImagegateError | None, request: ImageRequest
-    ) -> ImagegateError:
+    def _exhausted(attempts: list[AttemptRecord], last: ImagegateError | None, request: ImageRequest) -> ImagegateError:
         if isinstance(last, CallerError):
             return last
         tried = "; ".join(f"{a.backend}: {a.message}" for a in attempts) or "no attempt was made"
@@ -238,8 +237,9 @@ async def _conform(result: ImageResult, request: ImageRequest, name: str) -> Ima
     work = [i for i, img in enumerate(images) if imaging.needs_work(img, fmt, compression)]
     if not work and all(img.url is not None or img.format == fmt for img in images):
         return result  # the hot path: nothing to copy, nothing to decode
-    out = [img if img.url is not None or img.format == fmt else dataclasses.replace(img, format=fmt)
-           for img in images]  # well framed as ``fmt`` but labelled otherwise: the label was wrong
+    out = [
+        img if img.url is not None or img.format == fmt else dataclasses.replace(img, format=fmt) for img in images
+    ]  # well framed as ``fmt`` but labelled otherwise: the label was wrong
 
     async def one(i: int) -> None:
         try:

@@ -56,7 +56,7 @@ class _Disconnected(Exception):
 class _Watch:
     """Cancels ``task`` when the client disconnects; started lazily by ``_dispatch_watching``."""
 
-    __slots__ = ("task", "receive", "gone", "watcher")
+    __slots__ = ("gone", "receive", "task", "watcher")
 
     def __init__(self, task: asyncio.Task[Any], receive: Receive) -> None:
         self.task = task
@@ -119,7 +119,10 @@ class GenerationsHandler:
             else:
                 body = await self._read_body_within(headers, receive, server)
             ctx.request = request = api.parse_generation(
-                body, headers, default_size=server.default_size, request_id=request_id,
+                body,
+                headers,
+                default_size=server.default_size,
+                request_id=request_id,
                 deadline=time.monotonic() + server.default_deadline_s,
             )
             result = await self._dispatch_watching(ctx, receive)
@@ -246,16 +249,30 @@ class GenerationsHandler:
         outcome = "ok" if error is None else error.outcome
         images = len(result.images) if result is not None else 0
         route = ctx.route
-        self.metrics.observe_request(route or "none", ctx.backend or "none", outcome, timing.total_s,
-                                     timing.gateway_s, ctx.cost_usd, images, result is not None and bool(ctx.attempts))
+        self.metrics.observe_request(
+            route or "none",
+            ctx.backend or "none",
+            outcome,
+            timing.total_s,
+            timing.gateway_s,
+            ctx.cost_usd,
+            images,
+            result is not None and bool(ctx.attempts),
+        )
         if not self.config.server.access_log:
             return
         fields: dict[str, Any] = {
-            "request_id": ctx.request_id, "route": route, "backend": ctx.backend, "outcome": outcome,
-            "status": 200 if error is None else error.status, "attempts": ctx.attempt_count,
-            "total_ms": round(timing.total_s * 1e3, 3), "gateway_ms": round(timing.gateway_s * 1e3, 3),
+            "request_id": ctx.request_id,
+            "route": route,
+            "backend": ctx.backend,
+            "outcome": outcome,
+            "status": 200 if error is None else error.status,
+            "attempts": ctx.attempt_count,
+            "total_ms": round(timing.total_s * 1e3, 3),
+            "gateway_ms": round(timing.gateway_s * 1e3, 3),
             "backend_ms": round(timing.backend_s * 1e3, 3),
-            "cost_usd": ctx.cost_usd, "images": images,
+            "cost_usd": ctx.cost_usd,
+            "images": images,
         }
         if request is not None:
             # The tier the router resolved, once it did; before that, the one asked for.

@@ -88,8 +88,9 @@ class DirectoryImageStore:
     swept or not. ``clock`` is wall time (mtimes are), injectable for tests.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], ttl_s: float, max_bytes: int,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], ttl_s: float, max_bytes: int, clock: Callable[[], float] = time.time
+    ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.ttl_s, self.max_bytes, self.clock = ttl_s, max_bytes, clock

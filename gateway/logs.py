@@ -68,8 +68,14 @@ def set_secrets(secrets: Iterable[str]) -> None:
     _secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
 
 
-def configure(json: bool | None = None, level: int = logging.INFO, *, secrets: Iterable[str] | None = None,
-              stdlib_level: int = logging.WARNING, capture_warnings: bool = True) -> None:
+def configure(
+    json: bool | None = None,
+    level: int = logging.INFO,
+    *,
+    secrets: Iterable[str] | None = None,
+    stdlib_level: int = logging.WARNING,
+    capture_warnings: bool = True,
+) -> None:
     """Configure logging for the process: our structlog lines and our dependencies' stdlib records, all to
     stdout, JSON unless stdout is a TTY (``json``). ``level``: the least level logged. ``stdlib_level``: the
     least level of stdlib records (never below ``level``). ``capture_warnings``: Python warnings become
@@ -105,8 +111,11 @@ def configure(json: bool | None = None, level: int = logging.INFO, *, secrets: I
     formatter = structlog.stdlib.ProcessorFormatter(
         # add_logger_name reads the record (``_record``), which remove_processors_meta then drops.
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    _foreign_json if json else _foreign_text, text_renderer],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _foreign_json if json else _foreign_text,
+            text_renderer,
+        ],
     )
     handler = _StructlogHandler()
     handler.setFormatter(formatter)
@@ -181,8 +190,7 @@ def render_exceptions(logger: Any, method: str, event: MutableMapping[str, Any])
     return _render(method, event, structured=True)
 
 
-def render_exceptions_as_text(logger: Any, method: str,
-                              event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def render_exceptions_as_text(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """As ``render_exceptions``, with the traceback as text under ``exception`` (for ``ConsoleRenderer``)."""
     return _render(method, event, structured=False)
 
@@ -204,8 +212,9 @@ def _trimmed(event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     return event
 
 
-def _render(method: str, event: MutableMapping[str, Any], *, structured: bool,
-            always: bool = False) -> MutableMapping[str, Any]:
+def _render(
+    method: str, event: MutableMapping[str, Any], *, structured: bool, always: bool = False
+) -> MutableMapping[str, Any]:
     raw = event.pop("exc_info", None)
     exc_info = _exc_info(raw) if raw else None
     if exc_info is not None:
@@ -243,8 +252,10 @@ def _clean(value: Any) -> Any:
     """Scrub every string in ``value`` (nested lists and dicts too). Multi-line text keeps its lines."""
     if isinstance(value, str):
         if "\n" in value:  # a text traceback: scrub line by line, keeping each line's indentation
-            return "\n".join(line[:len(line) - len(line.lstrip())] + scrub(line, _secrets, limit=_LIMIT)
-                             for line in value.split("\n"))
+            return "\n".join(
+                line[: len(line) - len(line.lstrip())] + scrub(line, _secrets, limit=_LIMIT)
+                for line in value.split("\n")
+            )
         return scrub(value, _secrets, limit=_LIMIT)
     if isinstance(value, list):
         return [_clean(v) for v in value]

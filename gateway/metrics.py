@@ -34,7 +34,9 @@ class _LoadCollector(Collector):
         self._backends = backends
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        in_flight = GaugeMetricFamily("imagegate_backend_in_flight", "Requests in flight per backend", labels=["backend"])
+        in_flight = GaugeMetricFamily(
+            "imagegate_backend_in_flight", "Requests in flight per backend", labels=["backend"]
+        )
         queue = GaugeMetricFamily("imagegate_backend_queue_depth", "Queued requests per backend", labels=["backend"])
         wait = GaugeMetricFamily("imagegate_backend_estimated_wait_seconds", "Estimated queue wait", labels=["backend"])
         ready = GaugeMetricFamily("imagegate_backend_ready", "1 when the backend is ready", labels=["backend"])
@@ -51,26 +53,54 @@ class Metrics:
     def __init__(self, backends: Mapping[str, Backend] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("imagegate_requests", "Image requests by route, serving backend and outcome",
-                                ["route", "backend", "outcome"], registry=r)
-        self.duration = Histogram("imagegate_request_duration_seconds", "Time from request to response",
-                                  ["route", "outcome"], buckets=LATENCY_BUCKETS, registry=r)
-        self.overhead = Histogram("imagegate_gateway_overhead_seconds", "Time spent in the gateway itself",
-                                  ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
-        self.backend_latency = Histogram("imagegate_backend_latency_seconds", "Time waiting on a backend per attempt",
-                                         ["backend", "outcome"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "imagegate_requests",
+            "Image requests by route, serving backend and outcome",
+            ["route", "backend", "outcome"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "imagegate_request_duration_seconds",
+            "Time from request to response",
+            ["route", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "imagegate_gateway_overhead_seconds",
+            "Time spent in the gateway itself",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.backend_latency = Histogram(
+            "imagegate_backend_latency_seconds",
+            "Time waiting on a backend per attempt",
+            ["backend", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         # Stage names come from the backends' code (queue, text_encode, denoise, decode, encode, remote_queue,
         # remote_predict): a small fixed set per backend type, so a bounded label.
-        self.stages = Histogram("imagegate_backend_stage_seconds", "Stage durations reported by backends, per attempt",
-                                ["backend", "stage"], buckets=STAGE_BUCKETS, registry=r)
-        self.attempts = Counter("imagegate_backend_attempts", "Attempts per backend and outcome",
-                                ["backend", "outcome"], registry=r)
-        self.fallbacks = Counter("imagegate_fallbacks", "Requests served by other than their first candidate",
-                                 ["route"], registry=r)
-        self.spend = Counter("imagegate_estimated_spend_usd", "Estimated spend by backend (priced requests)",
-                             ["backend"], registry=r)
-        self.unpriced = Counter("imagegate_unpriced_images", "Images served by a backend without a price",
-                                ["backend"], registry=r)
+        self.stages = Histogram(
+            "imagegate_backend_stage_seconds",
+            "Stage durations reported by backends, per attempt",
+            ["backend", "stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.attempts = Counter(
+            "imagegate_backend_attempts", "Attempts per backend and outcome", ["backend", "outcome"], registry=r
+        )
+        self.fallbacks = Counter(
+            "imagegate_fallbacks", "Requests served by other than their first candidate", ["route"], registry=r
+        )
+        self.spend = Counter(
+            "imagegate_estimated_spend_usd", "Estimated spend by backend (priced requests)", ["backend"], registry=r
+        )
+        self.unpriced = Counter(
+            "imagegate_unpriced_images", "Images served by a backend without a price", ["backend"], registry=r
+        )
         if backends is not None:
             r.register(_LoadCollector(backends))
         self._children: dict[tuple[object, ...], MetricWrapperBase] = {}
@@ -89,8 +119,15 @@ class Metrics:
             self._child(self.stages, backend, stage).observe(stage_s)
 
     def observe_request(
-        self, route: str, backend: str, outcome: str, total_s: float, gateway_s: float,
-        cost: float | None, images: int, fallback: bool,
+        self,
+        route: str,
+        backend: str,
+        outcome: str,
+        total_s: float,
+        gateway_s: float,
+        cost: float | None,
+        images: int,
+        fallback: bool,
     ) -> None:
         self._child(self.requests, route, backend, outcome).inc()
         self._child(self.duration, route, outcome).observe(total_s)

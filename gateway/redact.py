@@ -50,8 +50,10 @@ _FREE_FORM = frozenset({"extra_body", "extra_input", "input", "parameters", "opt
 _MIN_SECRET = 6
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^/@\s?#]+)@")
 _QUERY_SECRET = re.compile(r"(?i)([?&])([^=&#\s]*(?:key|token|secret|passw|sig|auth|credential)[^=&#\s]*)=([^&#\s]*)")
-_PREFIXED = re.compile(r"(?i)^(sk-|sk_|rk_|pk_live|r8_|hf_|ghp_|gho_|ghs_|github_pat_|glpat-|xox[abprs]-|AKIA|ASIA|AIza"
-                       r"|bearer\s|basic\s|token\s)")
+_PREFIXED = re.compile(
+    r"(?i)^(sk-|sk_|rk_|pk_live|r8_|hf_|ghp_|gho_|ghs_|github_pat_|glpat-|xox[abprs]-|AKIA|ASIA|AIza"
+    r"|bearer\s|basic\s|token\s)"
+)
 _TOKENISH = re.compile(r"^[A-Za-z0-9_\-.:+=/]{20,}$")
 
 
@@ -106,7 +108,8 @@ def _by_value(text: str, known: tuple[str, ...]) -> str:
         text = _USERINFO.sub(lambda m: m.group(0) if _only_refs(m.group(2)) else f"{m.group(1)}{REDACTED}@", text)
     if "=" in text and ("?" in text or "&" in text):
         text = _QUERY_SECRET.sub(
-            lambda m: m.group(0) if _only_refs(m.group(3)) else f"{m.group(1)}{m.group(2)}={REDACTED}", text)
+            lambda m: m.group(0) if _only_refs(m.group(3)) else f"{m.group(1)}{m.group(2)}={REDACTED}", text
+        )
     return text
 
 

@@ -161,10 +161,10 @@ def _rank(
     if not kept:
         detail = "; ".join(f"{name}: {why}" for name, why in skipped)
         if over_budget and over_budget == len(skipped):
-            raise BudgetExceeded(f"no backend fits max_cost_usd={max_cost_usd}: {detail}", param="max_cost_usd",
-                                 route=route.name)
-        raise NoCapableBackend(f"no backend of route {route.name!r} can serve this request: {detail}",
-                               route=route.name)
+            raise BudgetExceeded(
+                f"no backend fits max_cost_usd={max_cost_usd}: {detail}", param="max_cost_usd", route=route.name
+            )
+        raise NoCapableBackend(f"no backend of route {route.name!r} can serve this request: {detail}", route=route.name)
 
     if route.strategy == "cheapest":
         kept.sort(key=lambda c: (c.est_cost is None, c.est_cost or 0.0))

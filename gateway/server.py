@@ -34,7 +34,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -46,7 +46,10 @@ try:
         RequestResponseCycle,
     )
 except ImportError:  # pragma: no cover - httptools not installed
-    HttpToolsProtocol = RequestResponseCycle = None  # type: ignore[assignment,misc]
+    # The names stay defined, as None: check_internals reports it and protocol() falls back to stock uvicorn.
+    HttpToolsProtocol = RequestResponseCycle = None  # type: ignore[assignment,misc]  # None for a class
+if TYPE_CHECKING:
+    from uvicorn._types import ASGISendEvent  # types only: no import of uvicorn's private module at run time
 
 RECEIVED_AT = "imagegate.received_at"
 # Set in ``scope["extensions"]`` when the protocol gave up on a request's body: the app then sees
@@ -54,11 +57,19 @@ RECEIVED_AT = "imagegate.received_at"
 READ_TIMED_OUT = "imagegate.read_timed_out"
 
 # What ``GatewayHttpProtocol`` and ``CoalescingCycle`` use of uvicorn's classes (checked at start-up).
-_PROTOCOL_METHODS = ("connection_made", "connection_lost", "data_received", "on_message_begin",
-                     "on_headers_complete", "on_message_complete")
-_PROTOCOL_ATTRS = {"__init__": ("config", "app", "loop", "transport", "cycle", "scope", "server_state"),
-                   "on_message_begin": ("scope",),
-                   "on_headers_complete": ("cycle", "RequestResponseCycle")}
+_PROTOCOL_METHODS = (
+    "connection_made",
+    "connection_lost",
+    "data_received",
+    "on_message_begin",
+    "on_headers_complete",
+    "on_message_complete",
+)
+_PROTOCOL_ATTRS = {
+    "__init__": ("config", "app", "loop", "transport", "cycle", "scope", "server_state"),
+    "on_message_begin": ("scope",),
+    "on_headers_complete": ("cycle", "RequestResponseCycle"),
+}
 _CYCLE_ATTRS = ("scope", "transport", "response_started", "response_complete", "disconnected", "message_event")
 
 
@@ -75,8 +86,14 @@ def check_internals() -> str | None:
     for name in _PROTOCOL_METHODS:
         if not callable(getattr(HttpToolsProtocol, name, None)):
             return f"HttpToolsProtocol.{name} is missing"
-    for name, want in (("connection_made", 1), ("connection_lost", 1), ("data_received", 1),
-                       ("on_message_begin", 0), ("on_headers_complete", 0), ("on_message_complete", 0)):
+    for name, want in (
+        ("connection_made", 1),
+        ("connection_lost", 1),
+        ("data_received", 1),
+        ("on_message_begin", 0),
+        ("on_headers_complete", 0),
+        ("on_message_complete", 0),
+    ):
         if len(inspect.signature(getattr(HttpToolsProtocol, name)).parameters) != want + 1:
             return f"HttpToolsProtocol.{name} takes other arguments"
     for method, names in _PROTOCOL_ATTRS.items():
@@ -93,8 +110,9 @@ def check_internals() -> str | None:
         return "RequestResponseCycle.send no longer writes through self.transport"
     try:
         params = list(inspect.signature(RequestResponseCycle.__init__).parameters)[1:]
-        cycle = RequestResponseCycle(**dict.fromkeys(params))  # type: ignore[arg-type]
-    except Exception as exc:  # any change that breaks building one is a change
+        # None for every argument: only to see which attributes __init__ sets.
+        cycle = RequestResponseCycle(**dict.fromkeys(params))  # type: ignore[arg-type]  # placeholders
+    except Exception as exc:  # noqa: BLE001 - any change that breaks building one is a change
         return f"RequestResponseCycle() cannot be built: {type(exc).__name__}: {exc}"
     missing = [n for n in _CYCLE_ATTRS if not hasattr(cycle, n)]
     if missing:
@@ -142,8 +160,7 @@ class _Capture:
 
 def _refusal(status: int, reason: bytes, code: str, message: str, default_headers: Any) -> bytes:
     """A complete ``connection: close`` response in OpenAI's error shape, written by the protocol itself."""
-    body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                   "code": code}})
+    body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}})
     head = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
     head += [name + b": " + value + b"\r\n" for name, value in default_headers]
     head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
@@ -169,12 +186,12 @@ _IDLE, _HEAD, _BODY = 0, 1, 2
 
 if HttpToolsProtocol is not None:
 
-    class CoalescingCycle(RequestResponseCycle):  # type: ignore[misc,valid-type]
+    class CoalescingCycle(RequestResponseCycle):
         """A request/response cycle that writes the response head together with the first body chunk."""
 
-        _held: dict[str, Any] | None = None
+        _held: ASGISendEvent | None = None
 
-        async def send(self, message: Any) -> None:
+        async def send(self, message: ASGISendEvent) -> None:
             if message["type"] == "http.response.start" and not self.response_started:
                 # Held until the body. A second start replaces an unsent first one: that is uvicorn's own
                 # 500 after the app failed between its start and its body.
@@ -191,7 +208,8 @@ if HttpToolsProtocol is not None:
                 return
             real = self.transport
             capture = _Capture(real)
-            self.transport = capture
+            # Duck-typed: collects the writes, forwards the rest (no cast: this runs on every response).
+            self.transport = capture  # type: ignore[assignment]  # a stand-in, see above
             try:
                 await super().send(held)
                 await super().send(message)
@@ -199,7 +217,7 @@ if HttpToolsProtocol is not None:
                 self.transport = real
                 capture.flush()
 
-    class GatewayHttpProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
+    class GatewayHttpProtocol(HttpToolsProtocol):
         """``HttpToolsProtocol`` with an arrival stamp in the scope, coalesced response writes, and read
         deadlines for request heads and bodies."""
 
@@ -208,14 +226,15 @@ if HttpToolsProtocol is not None:
             # Found once per server (on the app uvicorn loaded) and kept on uvicorn's config object.
             limits = getattr(self.config, "_imagegate_server", None)
             if limits is None:
-                limits = self.config._imagegate_server = _server_config(self.app)  # type: ignore[attr-defined]
+                # An attribute of ours on uvicorn's Config, which has no such field.
+                limits = self.config._imagegate_server = _server_config(self.app)  # type: ignore[attr-defined]  # ours
             self._limits: ServerConfig = limits
             self._reading = _HEAD  # the first head is due from the moment of connection
             self._timer: Any = None
             self._timer_phase = _IDLE
             self._head_bytes = 0
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm(_HEAD)
 
@@ -233,13 +252,18 @@ if HttpToolsProtocol is not None:
             if reading != self._timer_phase:
                 self._arm(reading)
             if reading == _HEAD and self._head_bytes > self._limits.max_header_bytes:
-                self._refuse(431, b"Request Header Fields Too Large", "request_header_fields_too_large",
-                             f"request head over {self._limits.max_header_bytes} bytes")
+                self._refuse(
+                    431,
+                    b"Request Header Fields Too Large",
+                    "request_header_fields_too_large",
+                    f"request head over {self._limits.max_header_bytes} bytes",
+                )
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._reading = _HEAD
-            self.scope["extensions"] = {RECEIVED_AT: time.perf_counter()}
+            # ASGI's typing wants a dict under each extension name; ours hold a float (and READ_TIMED_OUT a status).
+            self.scope["extensions"] = {RECEIVED_AT: time.perf_counter()}  # type: ignore[dict-item]  # see above
 
         def on_headers_complete(self) -> None:
             self._reading = _BODY
@@ -290,7 +314,7 @@ if HttpToolsProtocol is not None:
             if self._reading == _BODY:  # ``cycle`` is this request's
                 answer = not (cycle.response_started or getattr(cycle, "_held", None))
                 if not cycle.response_complete:
-                    cycle.scope.setdefault("extensions", {})[READ_TIMED_OUT] = status  # type: ignore[assignment]
+                    cycle.scope.setdefault("extensions", {})[READ_TIMED_OUT] = status  # type: ignore[assignment]  # a status
                     cycle.disconnected = True
                     cycle.message_event.set()
             else:  # a head: a pipelined previous request may still be owed its answer; never write into it
@@ -301,7 +325,7 @@ if HttpToolsProtocol is not None:
             transport.close()
 
 else:  # pragma: no cover - httptools not installed
-    GatewayHttpProtocol = None  # type: ignore[assignment,misc]
+    GatewayHttpProtocol = None  # type: ignore[assignment,misc]  # None for a class, as above
 
 
 def protocol(log: Any = None) -> Any:
@@ -314,8 +338,11 @@ def protocol(log: Any = None) -> Any:
         from gateway.logs import get_logger
 
         log = get_logger("imagegate")
-    log.warning("uvicorn_internals_changed", detail=problem,
-                fallback="stock uvicorn protocol: two writes per response, no header/body read deadlines")
+    log.warning(
+        "uvicorn_internals_changed",
+        detail=problem,
+        fallback="stock uvicorn protocol: two writes per response, no header/body read deadlines",
+    )
     return "auto"
 
 

@@ -37,11 +37,15 @@ class StatsBook:
         """``seconds``: the attempt's latency; ``billed_seconds``: the GPU or predict time the backend reported
         (what time-based prices charge for, without queueing), if it reported one."""
         live = self._live[name]
-        live.ewma_latency_s = seconds if live.ewma_latency_s is None else (
-            _ALPHA * seconds + (1 - _ALPHA) * live.ewma_latency_s)
+        live.ewma_latency_s = (
+            seconds if live.ewma_latency_s is None else (_ALPHA * seconds + (1 - _ALPHA) * live.ewma_latency_s)
+        )
         per_image = (seconds if billed_seconds is None else billed_seconds) / max(images, 1)
-        live.ewma_seconds_per_image = per_image if live.ewma_seconds_per_image is None else (
-            _ALPHA * per_image + (1 - _ALPHA) * live.ewma_seconds_per_image)
+        live.ewma_seconds_per_image = (
+            per_image
+            if live.ewma_seconds_per_image is None
+            else (_ALPHA * per_image + (1 - _ALPHA) * live.ewma_seconds_per_image)
+        )
         live.consecutive_failures = 0
         live.cooling_until = 0.0
 

@@ -16,7 +16,7 @@ class RequestTiming:
     """The request's clock (``gateway.context.RequestContext.timing``): started on arrival, fed each
     attempt's ``StageClock`` by the dispatcher, closed by the handler just before the response is sent."""
 
-    __slots__ = ("start", "backend_s", "stages", "end")
+    __slots__ = ("backend_s", "end", "stages", "start")
 
     def __init__(self, start: float | None = None) -> None:
         # ``start``: when the server received the request (``gateway.server``), if it says; else now.
@@ -47,8 +47,8 @@ class RequestTiming:
     def server_timing(self) -> str:
         """``Server-Timing`` value: gateway, backend, total, then the backend's stages (milliseconds)."""
         parts = [
-            f"gateway;dur={self.gateway_s * 1e3:.3f};desc=\"gateway overhead\"",
-            f"backend;dur={self.backend_s * 1e3:.3f};desc=\"awaiting backends (all attempts)\"",
+            f'gateway;dur={self.gateway_s * 1e3:.3f};desc="gateway overhead"',
+            f'backend;dur={self.backend_s * 1e3:.3f};desc="awaiting backends (all attempts)"',
             f"total;dur={self.total_s * 1e3:.3f}",
         ]
         parts.extend(f"{name};dur={seconds * 1e3:.3f}" for name, seconds in self.stages.items())

@@ -28,8 +28,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_app(app, *, port: int | None = None, lifespan: str = "auto", timeout: float = 30.0,
-              **uvicorn_options) -> Iterator[str]:
+def serve_app(
+    app, *, port: int | None = None, lifespan: str = "auto", timeout: float = 30.0, **uvicorn_options
+) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1 in a thread; yields the base URL ``http://127.0.0.1:PORT``
     (``https://`` when ``ssl_certfile`` is among the extra uvicorn options).
 
@@ -48,7 +49,6 @@ def serve_app(app, *, port: int | None = None, lifespan: str = "auto", timeout: 
     options.update(uvicorn_options)
     config = uvicorn.Config(app, **options)
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
     thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
@@ -78,9 +78,15 @@ def run_process(
 ) -> Iterator[subprocess.Popen]:
     """Start a server process, wait until ``ready_url`` answers ``ready_status``, stop it afterwards
     (SIGTERM to its process group, then SIGKILL)."""
-    log = open(os.devnull, "wb") if os.environ.get("IMAGEGATE_TEST_SERVER_LOGS") is None else None
-    proc = subprocess.Popen(list(argv), env={**os.environ, **(env or {})}, cwd=cwd, stdout=log,
-                            stderr=subprocess.STDOUT if log else None, start_new_session=True)
+    quiet = os.environ.get("IMAGEGATE_TEST_SERVER_LOGS") is None
+    proc = subprocess.Popen(
+        list(argv),
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        stdout=subprocess.DEVNULL if quiet else None,
+        stderr=subprocess.STDOUT if quiet else None,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -104,8 +110,6 @@ def run_process(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
-        if log:
-            log.close()
 
 
 T = TypeVar("T")

@@ -43,7 +43,23 @@ from backends.fal.mapping import (
 Settings = FalSettings  # the name every backend package exports for its settings block
 
 __all__ = [
-    "MAX_POLL_MISSES", "MIN_START_TIMEOUT", "OVERLOAD_TYPES", "PRESETS", "TIMEOUT_TYPES", "FalBackend",
-    "FalImageRef", "FalOutput", "FalSettings", "InputMapping", "Settings", "completed_error", "error_for",
-    "from_output", "image_size", "split_counts", "to_input", "to_inputs", "validation_message",
+    "MAX_POLL_MISSES",
+    "MIN_START_TIMEOUT",
+    "OVERLOAD_TYPES",
+    "PRESETS",
+    "TIMEOUT_TYPES",
+    "FalBackend",
+    "FalImageRef",
+    "FalOutput",
+    "FalSettings",
+    "InputMapping",
+    "Settings",
+    "completed_error",
+    "error_for",
+    "from_output",
+    "image_size",
+    "split_counts",
+    "to_input",
+    "to_inputs",
+    "validation_message",
 ]

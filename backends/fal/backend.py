@@ -50,9 +50,14 @@ class FalBackend(RemoteBackend[FalSettings]):
         owner, alias = s.app.split("/")[:2]
         self._requests_base = f"{s.queue_base_url.rstrip('/')}/{owner}/{alias}/requests"
         # No base URL: the API spans two origins (queue and run), and the queue answers with absolute URLs.
-        super().__init__(spec, key=s.key, key_scheme="Key ", urls=(s.queue_base_url, s.run_base_url),
-                         outputs=Outputs(s.allowed_output_hosts, s.max_output_bytes, s.output_timeout),
-                         cancel_timeout=s.cancel_timeout)
+        super().__init__(
+            spec,
+            key=s.key,
+            key_scheme="Key ",
+            urls=(s.queue_base_url, s.run_base_url),
+            outputs=Outputs(s.allowed_output_hosts, s.max_output_bytes, s.output_timeout),
+            cancel_timeout=s.cancel_timeout,
+        )
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
         s = self.settings
@@ -61,13 +66,14 @@ class FalBackend(RemoteBackend[FalSettings]):
             # Side by side: the clock gets the slowest call's wait and stages, not their sum.
             calls = await fan_out([partial(self._call, p, request) for p in inputs], clock)
             counts = split_counts(request.n, s.input)
-            refs = [ref for call, n in zip(calls, counts) for ref in call.output.images[:n]]
+            refs = [ref for call, n in zip(calls, counts, strict=True) for ref in call.output.images[:n]]
             if len(refs) < request.n:
                 raise BackendProtocolError(f"{self.name}: asked for {request.n} images, got {len(refs)}")
             images = await self.fetch([r.url for r in refs], clock)
         megapixels = sum((r.width or request.width) * (r.height or request.height) for r in refs) / 1e6
-        return ImageResult(tuple(images), usage(request, len(refs), megapixels=megapixels,
-                                                predict=(c.predict_s for c in calls)))
+        return ImageResult(
+            tuple(images), usage(request, len(refs), megapixels=megapixels, predict=(c.predict_s for c in calls))
+        )
 
     # -- one fal call ---------------------------------------------------------------------------------
 
@@ -83,9 +89,17 @@ class FalBackend(RemoteBackend[FalSettings]):
             headers["X-Fal-Request-Timeout"] = f"{value:.3f}"
         return headers, deadline_bound
 
-    async def _api(self, method: str, url: str, clock: StageClock, *, deadline_bound: bool = True,
-                   headers: Mapping[str, str] | None = None, json: Any = None,
-                   params: Mapping[str, str] | None = None) -> Any:
+    async def _api(
+        self,
+        method: str,
+        url: str,
+        clock: StageClock,
+        *,
+        deadline_bound: bool = True,
+        headers: Mapping[str, str] | None = None,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Any:
         """One API call whose answer is JSON; fal's errors mapped (see ``mapping.error_for``)."""
         response = await self.send(method, url, clock, headers=headers, json=json, params=params)
         error = error_for(response, backend=self.name, secrets=self.secrets, deadline_bound=deadline_bound)
@@ -103,8 +117,9 @@ class FalBackend(RemoteBackend[FalSettings]):
             call = _Call(output, output.predict_seconds)
         else:
             url = f"{self.settings.queue_base_url.rstrip('/')}/{self.settings.app}"
-            submitted = await self._api("POST", url, clock, json=payload, headers=headers,
-                                        deadline_bound=deadline_bound)
+            submitted = await self._api(
+                "POST", url, clock, json=payload, headers=headers, deadline_bound=deadline_bound
+            )
             call = await self._follow(submitted, request, clock, deadline_bound)
         if call.predict_s is not None:
             clock.stage("remote_predict", call.predict_s)
@@ -115,8 +130,11 @@ class FalBackend(RemoteBackend[FalSettings]):
         if not isinstance(submitted, Mapping) or not isinstance(submitted.get("request_id"), str):
             raise BackendProtocolError(f"{self.name}: submit answer has no request_id")
         base = f"{self._requests_base}/{submitted['request_id']}"
-        urls = [submitted.get("status_url") or f"{base}/status", submitted.get("response_url") or base,
-                submitted.get("cancel_url") or f"{base}/cancel"]
+        urls = [
+            submitted.get("status_url") or f"{base}/status",
+            submitted.get("response_url") or base,
+            submitted.get("cancel_url") or f"{base}/cancel",
+        ]
         checked = [url for url in urls if isinstance(url, str) and same_origin(url, self.settings.queue_base_url)]
         if len(checked) != len(urls):
             self.cancel_later(self._cancel(f"{base}/cancel"))  # the request exists: don't leave it
@@ -165,8 +183,9 @@ class FalBackend(RemoteBackend[FalSettings]):
             predict = float(metrics["inference_time"])
         return _Call(result, predict)
 
-    async def _result(self, status: Mapping[str, Any], response_url: str, clock: StageClock,
-                      deadline_bound: bool) -> FalOutput:
+    async def _result(
+        self, status: Mapping[str, Any], response_url: str, clock: StageClock, deadline_bound: bool
+    ) -> FalOutput:
         body = await self._api("GET", response_url, clock, deadline_bound=deadline_bound)
         # COMPLETED with an error, yet the result URL answered 2xx.
         error = completed_error(status, backend=self.name, secrets=self.secrets)

@@ -10,10 +10,16 @@ from typing import Any, Literal
 from backends.base import EMPTY
 
 # fal's named image sizes (fast-sdxl, FLUX and most SDXL-family apps). Models with other presets override them.
-PRESETS: Mapping[str, str] = MappingProxyType({
-    "square_hd": "1024x1024", "square": "512x512", "portrait_4_3": "768x1024",
-    "portrait_16_9": "576x1024", "landscape_4_3": "1024x768", "landscape_16_9": "1024x576",
-})
+PRESETS: Mapping[str, str] = MappingProxyType(
+    {
+        "square_hd": "1024x1024",
+        "square": "512x512",
+        "portrait_4_3": "768x1024",
+        "portrait_16_9": "576x1024",
+        "landscape_4_3": "1024x768",
+        "landscape_16_9": "1024x576",
+    }
+)
 MIN_START_TIMEOUT = 0.1  # fal refuses smaller X-Fal-Request-Timeout values
 
 

@@ -29,8 +29,9 @@ from backends.remote import seeded_batches
 
 # Infrastructure error types (body ``error_type`` / header ``X-Fal-Error-Type``).
 TIMEOUT_TYPES = frozenset({"request_timeout", "startup_timeout"})
-OVERLOAD_TYPES = frozenset({"runner_scheduling_failure", "runner_connection_timeout", "runner_disconnected",
-                            "runner_connection_refused"})
+OVERLOAD_TYPES = frozenset(
+    {"runner_scheduling_failure", "runner_connection_timeout", "runner_disconnected", "runner_connection_refused"}
+)
 
 
 # -- request → input --------------------------------------------------------------------------------
@@ -52,16 +53,23 @@ def image_size(width: int, height: int, mapping: InputMapping) -> str | dict[str
     return dims
 
 
-def to_input(request: ImageRequest, mapping: InputMapping, n: int | None = None,
-             seed: int | None = None) -> dict[str, Any]:
+def to_input(
+    request: ImageRequest, mapping: InputMapping, n: int | None = None, seed: int | None = None
+) -> dict[str, Any]:
     """The input of one fal call producing ``n`` images (default ``request.n``) with ``seed``."""
     n = request.n if n is None else n
-    payload: dict[str, Any] = {"prompt": request.prompt,
-                               mapping.image_size_key: image_size(request.width, request.height, mapping)}
+    payload: dict[str, Any] = {
+        "prompt": request.prompt,
+        mapping.image_size_key: image_size(request.width, request.height, mapping),
+    }
     if mapping.num_images_key:
         payload[mapping.num_images_key] = n
-    optional = ((mapping.negative_prompt_key, request.negative_prompt), (mapping.steps_key, request.steps),
-                (mapping.guidance_key, request.guidance_scale), (mapping.seed_key, seed))
+    optional = (
+        (mapping.negative_prompt_key, request.negative_prompt),
+        (mapping.steps_key, request.steps),
+        (mapping.guidance_key, request.guidance_scale),
+        (mapping.seed_key, seed),
+    )
     for key, value in optional:
         if key and value is not None:
             payload[key] = value
@@ -84,8 +92,9 @@ def split_counts(n: int, mapping: InputMapping) -> list[int]:
 def to_inputs(request: ImageRequest, mapping: InputMapping) -> list[dict[str, Any]]:
     """One input per fal call (see ``split_counts``), run in parallel. Each call's seed is offset by the
     images before it, so a seeded request gives distinct, reproducible images, not one image n times."""
-    return [to_input(request, mapping, n, seed)
-            for n, seed in seeded_batches(request.n, mapping.per_call, request.seed)]
+    return [
+        to_input(request, mapping, n, seed) for n, seed in seeded_batches(request.n, mapping.per_call, request.seed)
+    ]
 
 
 # -- output → result --------------------------------------------------------------------------------
@@ -116,8 +125,14 @@ def from_output(payload: Any) -> FalOutput:
         if not isinstance(item, Mapping) or not isinstance(item.get("url"), str):
             raise BackendProtocolError("fal: output image without a 'url'")
         w, h = item.get("width"), item.get("height")
-        refs.append(FalImageRef(item["url"], item.get("content_type"),
-                                w if isinstance(w, int) else None, h if isinstance(h, int) else None))
+        refs.append(
+            FalImageRef(
+                item["url"],
+                item.get("content_type"),
+                w if isinstance(w, int) else None,
+                h if isinstance(h, int) else None,
+            )
+        )
     timings = payload.get("timings")
     predict = None
     if isinstance(timings, Mapping):
@@ -125,8 +140,12 @@ def from_output(payload: Any) -> FalOutput:
         predict = numbers.get("inference", sum(numbers.values()) if numbers else None)
     seed = payload.get("seed")
     nsfw = payload.get("has_nsfw_concepts")
-    return FalOutput(tuple(refs), seed if isinstance(seed, int) else None, predict,
-                     tuple(bool(x) for x in nsfw) if isinstance(nsfw, list) else ())
+    return FalOutput(
+        tuple(refs),
+        seed if isinstance(seed, int) else None,
+        predict,
+        tuple(bool(x) for x in nsfw) if isinstance(nsfw, list) else (),
+    )
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -146,8 +165,9 @@ def validation_message(detail: Any) -> str:
     return "; ".join(parts)
 
 
-def error_for(response: httpx.Response, *, backend: str, secrets: tuple[str, ...] = (),
-              deadline_bound: bool = True) -> BackendError | None:
+def error_for(
+    response: httpx.Response, *, backend: str, secrets: tuple[str, ...] = (), deadline_bound: bool = True
+) -> BackendError | None:
     """The vocabulary error an API response means, or None for a success. ``deadline_bound``: the
     ``X-Fal-Request-Timeout`` we sent came from the request deadline (not from ``start_timeout``)."""
     status, headers = response.status_code, response.headers

@@ -57,8 +57,10 @@ class LocalSDXLBackend:
     def check_options(settings: _settings.Settings, options: _settings.Options) -> None:
         available = available_decoders(settings)
         if options.decoder is not None and options.decoder not in available:
-            raise SettingsError("decoder", f"decoder {options.decoder!r} is not available with these settings "
-                                           f"(available: {', '.join(available)})")
+            raise SettingsError(
+                "decoder",
+                f"decoder {options.decoder!r} is not available with these settings (available: {', '.join(available)})",
+            )
 
     @staticmethod
     def capabilities_for(settings: _settings.Settings, declared: Capabilities) -> Capabilities:
@@ -76,16 +78,21 @@ class LocalSDXLBackend:
             if declared.refusal(ImageRequest(prompt="", width=width, height=height)) is None:
                 served[size] = min(batch, declared.max_n_per_size.get(size, declared.max_n))
         if not served:
-            raise SettingsError("settings.shapes", f"unlisted_shape is refuse and no listed shape "
-                                                   f"({', '.join(largest)}) is within the declared capabilities")
+            raise SettingsError(
+                "settings.shapes",
+                f"unlisted_shape is refuse and no listed shape "
+                f"({', '.join(largest)}) is within the declared capabilities",
+            )
         return dataclasses.replace(declared, sizes=tuple(served), max_n_per_size=MappingProxyType(served))
 
     def __init__(self, spec: BackendSpec) -> None:
         # Capabilities are checked in one place, the router. So that nothing needs re-checking per request,
         # the spec must already say what these settings can serve (the config's specs always do).
         if self.capabilities_for(spec.settings, spec.capabilities) != spec.capabilities:
-            raise ValueError(f"{spec.name}: with unlisted_shape: refuse, the capabilities must be narrowed to the "
-                             "listed shapes (LocalSDXLBackend.capabilities_for), as the config does")
+            raise ValueError(
+                f"{spec.name}: with unlisted_shape: refuse, the capabilities must be narrowed to the "
+                "listed shapes (LocalSDXLBackend.capabilities_for), as the config does"
+            )
         self.spec = spec
         self.settings: Settings = spec.settings
         self.description = describe(self.settings)
@@ -111,16 +118,24 @@ class LocalSDXLBackend:
         # The resolved shapes exist only once the factory ran on the worker thread: padded_batch reads them
         # through this closure.
         worker = Worker(
-            self.spec.name, factory,
+            self.spec.name,
+            factory,
             padded_batch=lambda w, h, n: holder["resolved"].padded_batch(w, h, n),
             max_batch=settings.batch_limit,
-            max_wait_s=settings.max_wait_ms / 1000.0, queue_size=settings.queue_size)
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            queue_size=settings.queue_size,
+        )
         self.worker = worker
         pipeline = await asyncio.wrap_future(worker.start())
         self.resolved = pipeline.resolved
         self.description = f"{describe(settings)} [{getattr(pipeline.c, 'source', '')}]".replace(" []", "")
-        log.info("local_sdxl.ready", backend=self.spec.name, source=self.description,
-                 shapes=self.resolved.describe_shapes(), decoders=list(pipeline.decoders))
+        log.info(
+            "local_sdxl.ready",
+            backend=self.spec.name,
+            source=self.description,
+            shapes=self.resolved.describe_shapes(),
+            decoders=list(pipeline.decoders),
+        )
         self._ready = True
 
     async def aclose(self) -> None:
@@ -134,8 +149,11 @@ class LocalSDXLBackend:
     def load(self) -> Load:
         if self.worker is None:
             return Load(in_flight=self._counter.in_flight)
-        return Load(in_flight=self._counter.in_flight, queue_depth=self.worker.queue_depth(),
-                    est_wait_s=self.worker.est_wait_s())
+        return Load(
+            in_flight=self._counter.in_flight,
+            queue_depth=self.worker.queue_depth(),
+            est_wait_s=self.worker.est_wait_s(),
+        )
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -152,28 +170,42 @@ class LocalSDXLBackend:
         decoder = request.options.get("decoder") or settings.default_decoder
         decoders = self.worker.pipeline.decoders
         if decoder not in decoders:
-            raise BackendFailed(f"{self.spec.name}: decoder {decoder!r} is not loaded "
-                                f"(loaded: {', '.join(decoders)})")
+            raise BackendFailed(f"{self.spec.name}: decoder {decoder!r} is not loaded (loaded: {', '.join(decoders)})")
         eager = resolved.padded_batch(request.width, request.height, request.n) is None
         if eager:
-            log.warning("local_sdxl.unlisted_shape", backend=self.spec.name, size=request.size, n=request.n,
-                        note="running uncompiled")
+            log.warning(
+                "local_sdxl.unlisted_shape",
+                backend=self.spec.name,
+                size=request.size,
+                n=request.n,
+                note="running uncompiled",
+            )
         base = request.seed if request.seed is not None else secrets.randbelow(2**62)
         return Job(
-            prompt=request.prompt, negative=request.negative_prompt, n=request.n,
+            prompt=request.prompt,
+            negative=request.negative_prompt,
+            n=request.n,
             seeds=tuple((base + i) % 2**63 for i in range(request.n)),
             guidance=settings.default_guidance if request.guidance_scale is None else request.guidance_scale,
-            width=request.width, height=request.height, steps=request.steps or settings.default_steps,
-            decoder=decoder, eager=eager, output_format=request.output_format,
-            compression=request.output_compression, deadline=request.deadline, loop=loop,
-            future=loop.create_future())
+            width=request.width,
+            height=request.height,
+            steps=request.steps or settings.default_steps,
+            decoder=decoder,
+            eager=eager,
+            output_format=request.output_format,
+            compression=request.output_compression,
+            deadline=request.deadline,
+            loop=loop,
+            future=loop.create_future(),
+        )
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
-        if not self.ready():
+        worker = self.worker
+        if worker is None or not self.ready():
             raise BackendUnavailable(f"{self.spec.name}: not ready")
         with self._counter.track():
             job = self.make_job(request, asyncio.get_running_loop())
-            self.worker.submit(job)  # type: ignore[union-attr]
+            worker.submit(job)
             try:
                 with clock.waiting():
                     result: JobResult = await job.future
@@ -185,5 +217,10 @@ class LocalSDXLBackend:
                 clock.stage(name, result.stages[name])
         return ImageResult(
             images=result.images,
-            usage=Usage(images=request.n, megapixels=request.n * request.megapixels, steps=job.steps,
-                        gpu_seconds=result.gpu_seconds))
+            usage=Usage(
+                images=request.n,
+                megapixels=request.n * request.megapixels,
+                steps=job.steps,
+                gpu_seconds=result.gpu_seconds,
+            ),
+        )

@@ -38,8 +38,9 @@ class CapturedLoop:
     guidance: torch.Tensor
     out: torch.Tensor
 
-    def replay(self, noise: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
-               guidance: torch.Tensor) -> torch.Tensor:
+    def replay(
+        self, noise: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor
+    ) -> torch.Tensor:
         """Run the captured loop on new inputs (same shapes). Returns the graph's output buffer."""
         self.noise.copy_(noise)
         self.embeds.copy_(embeds)
@@ -49,9 +50,16 @@ class CapturedLoop:
         return self.out
 
 
-def capture_loop(loop: Callable[..., torch.Tensor], *, noise: torch.Tensor, embeds: torch.Tensor,
-                 pooled: torch.Tensor, time_ids: torch.Tensor, guidance: torch.Tensor,
-                 warmup: int = 1) -> CapturedLoop:
+def capture_loop(
+    loop: Callable[..., torch.Tensor],
+    *,
+    noise: torch.Tensor,
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    time_ids: torch.Tensor,
+    guidance: torch.Tensor,
+    warmup: int = 1,
+) -> CapturedLoop:
     """Record ``loop(noise, embeds, pooled, time_ids, guidance)`` into a CUDA graph.
 
     The inputs are cloned into static buffers. Following the CUDA-graphs notes in the PyTorch docs, the
@@ -77,4 +85,5 @@ def capture_loop(loop: Callable[..., torch.Tensor], *, noise: torch.Tensor, embe
     with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
         out = loop(*static)
     torch.cuda.synchronize()
-    return CapturedLoop(graph, *static, out=out)
+    noise_s, embeds_s, pooled_s, time_ids_s, guidance_s = static
+    return CapturedLoop(graph, noise_s, embeds_s, pooled_s, time_ids_s, guidance_s, out)

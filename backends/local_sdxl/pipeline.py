@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -87,8 +88,10 @@ class SDXLPipeline:
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
         if mean is not None and std is not None:
             view = (1, len(mean), 1, 1)
-            self.vae_scale_t = to_device(torch.tensor(std).view(view) / config.scaling_factor, device)
-            self.vae_shift_t = to_device(torch.tensor(mean).view(view), device)
+            self.vae_scale_t: torch.Tensor | float = to_device(
+                torch.tensor(std).view(view) / config.scaling_factor, device
+            )
+            self.vae_shift_t: torch.Tensor | float = to_device(torch.tensor(mean).view(view), device)
         else:
             self.vae_scale_t, self.vae_shift_t = 1.0 / config.scaling_factor, 0.0
         self.taesd_scale = 1.0 / self.taesd.config.scaling_factor if self.taesd is not None else 1.0
@@ -105,7 +108,9 @@ class SDXLPipeline:
         # The callables the hot path uses; setup() swaps in compiled versions.
         self.unet_fast: Callable[..., Any] = self.unet
         self.decode_fast: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-            "full": self._decode_full, "taesd": self._decode_taesd}
+            "full": self._decode_full,
+            "taesd": self._decode_taesd,
+        }
 
     # -- set-up -----------------------------------------------------------------------------------------
 
@@ -115,8 +120,9 @@ class SDXLPipeline:
         config = self.taesd.config
         taesd_scale = config.upsampling_scaling_factor ** (len(config.decoder_block_out_channels) - 1)
         if taesd_scale != self.vae_scale:
-            raise RuntimeError(f"TAESD upsamples {taesd_scale}x but the VAE {self.vae_scale}x: they cannot "
-                               "decode the same latents")
+            raise RuntimeError(
+                f"TAESD upsamples {taesd_scale}x but the VAE {self.vae_scale}x: they cannot decode the same latents"
+            )
 
     @property
     def decoders(self) -> tuple[str, ...]:
@@ -178,9 +184,13 @@ class SDXLPipeline:
     def _encode_one(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Both CLIP encoders: penultimate hidden states concatenated (768 + 1280), pooled from encoder 2."""
         hidden, pooled = [], None
-        for tokenizer, encoder in ((self.c.tokenizer, self.c.text_encoder), (self.c.tokenizer_2, self.c.text_encoder_2)):
-            ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids
+        for tokenizer, encoder in (
+            (self.c.tokenizer, self.c.text_encoder),
+            (self.c.tokenizer_2, self.c.text_encoder_2),
+        ):
+            ids = tokenizer(
+                text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
             out = encoder(to_device(ids, self.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds
@@ -213,8 +223,12 @@ class SDXLPipeline:
         """Per-image generators: an image depends on its seed only, not on its batch partners."""
         shape = (1, self.latent_channels, batch.height // self.vae_scale, batch.width // self.vae_scale)
         seeds = list(batch.seeds) + [batch.seeds[-1]] * (batch.padded - len(batch.seeds))
-        noise = [torch.randn(shape, generator=torch.Generator(self.device).manual_seed(s), device=self.device,
-                             dtype=torch.float32) for s in seeds]
+        noise = [
+            torch.randn(
+                shape, generator=torch.Generator(self.device).manual_seed(s), device=self.device, dtype=torch.float32
+            )
+            for s in seeds
+        ]
         return torch.cat(noise)
 
     def guidance(self, batch: Batch) -> torch.Tensor:
@@ -224,8 +238,16 @@ class SDXLPipeline:
         values += [values[-1]] * (batch.padded - len(values))
         return to_device(torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1), self.device)
 
-    def denoise(self, unet: Callable[..., Any], plan: Any, latents: torch.Tensor, embeds: torch.Tensor,
-                pooled: torch.Tensor, time_ids: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    def denoise(
+        self,
+        unet: Callable[..., Any],
+        plan: Any,
+        latents: torch.Tensor,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        time_ids: torch.Tensor,
+        guidance: torch.Tensor,
+    ) -> torch.Tensor:
         """The sampling loop. Sync-free and capturable: every per-step value is a device tensor, there is
         no branching on tensor values and no host read. ``latents`` is pure noise (unscaled)."""
         latents = latents * plan.init_noise_sigma
@@ -234,8 +256,13 @@ class SDXLPipeline:
         for i in range(plan.num_steps):
             idx = plan.index(i)
             model_in = plan.scale_model_input(latents, idx).to(self.dtype)
-            noise = unet(torch.cat([model_in, model_in]), plan.timestep(idx), encoder_hidden_states=embeds,
-                         added_cond_kwargs=added, return_dict=False)[0]
+            noise = unet(
+                torch.cat([model_in, model_in]),
+                plan.timestep(idx),
+                encoder_hidden_states=embeds,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0]
             uncond, cond = noise.float().chunk(2)
             noise = uncond + guidance * (cond - uncond)
             latents, prev_x0 = plan.step(noise, idx, latents, prev_x0)
@@ -272,18 +299,29 @@ class SDXLPipeline:
             latents = graph.replay(noise, embeds, pooled, guidance)
         else:
             unet = self.unet if batch.eager else self.unet_fast
-            latents = self.denoise(unet, self.plan(batch.steps), noise, embeds, pooled,
-                                   self.time_ids(batch.width, batch.height, batch.padded), guidance)
+            latents = self.denoise(
+                unet,
+                self.plan(batch.steps),
+                noise,
+                embeds,
+                pooled,
+                self.time_ids(batch.width, batch.height, batch.padded),
+                guidance,
+            )
         timer.mark("denoise")
-        decode = (self._decode_full if batch.decoder == "full" else self._decode_taesd) if batch.eager \
+        decode = (
+            (self._decode_full if batch.decoder == "full" else self._decode_taesd)
+            if batch.eager
             else self.decode_fast[batch.decoder]
+        )
         pixels = decode(latents)  # the padded batch: a listed (compiled) shape
         timer.mark("decode")
         host = pixels[: len(batch.seeds)].cpu().numpy()  # the run's one synchronization
         stages = timer.read()
         self.runs += 1
-        return RunOutput(images=list(host), stages=stages, device_seconds=sum(stages.values()),
-                         graphed=graph is not None)
+        return RunOutput(
+            images=list(host), stages=stages, device_seconds=sum(stages.values()), graphed=graph is not None
+        )
 
     def warm(self) -> dict[str, float]:
         """Compile, capture and warm every listed shape with every decoder, so that no request pays for
@@ -309,14 +347,14 @@ class SDXLPipeline:
             for decoder in self.decoders:
                 batch = self._warm_batch(s.width, s.height, s.batch, 2, decoder)
                 what = "compile" if self.resolved.compile else "first_run"
-                phase(f"{what}:{size}:{decoder}", lambda b=batch: self.run(b), shape=size, decoder=decoder)
+                phase(f"{what}:{size}:{decoder}", partial(self.run, batch), shape=size, decoder=decoder)
             if self.resolved.cuda_graphs:
-                phase(f"capture:{size}", lambda w=s.width, h=s.height, b=s.batch:
-                      self.capture(w, h, b, self.settings.default_steps), shape=size)
+                capture = partial(self.capture, s.width, s.height, s.batch, self.settings.default_steps)
+                phase(f"capture:{size}", capture, shape=size)
             for decoder in self.decoders:
                 batch = self._warm_batch(s.width, s.height, s.batch, steady_steps, decoder)
                 for _ in range(self.settings.warmup_runs):
-                    phase(f"steady:{size}:{decoder}", lambda b=batch: self.run(b), shape=size, decoder=decoder)
+                    phase(f"steady:{size}:{decoder}", partial(self.run, batch), shape=size, decoder=decoder)
         # Seeds the worker's run-time estimate (scaled when the CPU warm-up ran fewer steps).
         steady = [v for k, v in took.items() if k.startswith("steady:")]
         if steady:
@@ -328,16 +366,22 @@ class SDXLPipeline:
         return took
 
     def _warm_batch(self, width: int, height: int, padded: int, steps: int, decoder: str) -> Batch:
-        return Batch(width, height, steps, decoder, (("warm-up", None),), (0,), (self.settings.default_guidance,),
-                     padded)
+        return Batch(
+            width, height, steps, decoder, (("warm-up", None),), (0,), (self.settings.default_guidance,), padded
+        )
 
     def loop_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
         """What the denoising loop takes for ``batch`` — ``(noise, embeds, pooled, time_ids, guidance)`` — made
         as ``run`` makes them. With :meth:`denoise`, :meth:`capture` and :meth:`sync_checked` this is the seam
         the GPU check (``benchmarks/gpu_sync_check.py``) drives the real loop through."""
         embeds, pooled = self.embeddings(batch)
-        return (self.initial_noise(batch), embeds, pooled, self.time_ids(batch.width, batch.height, batch.padded),
-                self.guidance(batch))
+        return (
+            self.initial_noise(batch),
+            embeds,
+            pooled,
+            self.time_ids(batch.width, batch.height, batch.padded),
+            self.guidance(batch),
+        )
 
     def capture(self, width: int, height: int, padded: int, steps: int) -> CapturedLoop:
         """Capture the denoising loop of one shape as a CUDA graph (compiled UNet already warm); ``run``
@@ -346,7 +390,12 @@ class SDXLPipeline:
         noise, embeds, pooled, time_ids, guidance = self.loop_inputs(warm)
         graph = self.graphs[warm.key] = capture_loop(
             lambda *a: self.denoise(self.unet_fast, self.plan(steps), *a),
-            noise=noise, embeds=embeds, pooled=pooled, time_ids=time_ids, guidance=guidance)
+            noise=noise,
+            embeds=embeds,
+            pooled=pooled,
+            time_ids=time_ids,
+            guidance=guidance,
+        )
         return graph
 
     def sync_checked(self, fn: Callable[[], Any]) -> Any:
@@ -386,14 +435,29 @@ def build_pipeline(settings: Settings) -> SDXLPipeline:
         torch.cuda.set_device(device)
     resolved = settings.resolve(device.type == "cuda")
     what = f"preset {settings.preset}" if settings.preset else f"model {settings.model}"
-    log.info("local_sdxl.loading", what=what, device=str(device), dtype=resolved.dtype, vae_dtype=resolved.vae_dtype,
-             compile=resolved.compile, cuda_graphs=resolved.cuda_graphs, shapes=resolved.describe_shapes())
+    log.info(
+        "local_sdxl.loading",
+        what=what,
+        device=str(device),
+        dtype=resolved.dtype,
+        vae_dtype=resolved.vae_dtype,
+        compile=resolved.compile,
+        cuda_graphs=resolved.cuda_graphs,
+        shapes=resolved.describe_shapes(),
+    )
     start = time.perf_counter()
     components = load_components(
-        preset=settings.preset, model=settings.model, taesd=settings.taesd, device=device,
-        dtype=DTYPES[resolved.dtype], vae_dtype=DTYPES[resolved.vae_dtype], seed=settings.seed,
-        local_files_only=settings.local_files_only, variant=settings.variant,
-        progress=lambda line: log.info("local_sdxl.load_progress", step=line))
+        preset=settings.preset,
+        model=settings.model,
+        taesd=settings.taesd,
+        device=device,
+        dtype=DTYPES[resolved.dtype],
+        vae_dtype=DTYPES[resolved.vae_dtype],
+        seed=settings.seed,
+        local_files_only=settings.local_files_only,
+        variant=settings.variant,
+        progress=lambda line: log.info("local_sdxl.load_progress", step=line),
+    )
     log.info("local_sdxl.loaded", source=components.source, seconds=round(time.perf_counter() - start, 3))
     pipeline = SDXLPipeline(components, settings, resolved, device)
     pipeline.setup()

@@ -38,8 +38,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 __all__ = [  # noqa: RUF022 - grouped by role
-    "Components", "LoadError", "PresetError", "load_components", "verify_components",
-    "DEFAULT_TAESD", "PRESETS", "sdxl_configs", "tiny_configs",
+    "Components",
+    "LoadError",
+    "PresetError",
+    "load_components",
+    "verify_components",
+    "DEFAULT_TAESD",
+    "PRESETS",
+    "sdxl_configs",
+    "tiny_configs",
 ]
 
 log = structlog.get_logger("imagegate.local_sdxl")
@@ -75,6 +82,8 @@ class Components:
 
 
 # --- configs ----------------------------------------------------------------------------------------------------
+# fmt: off
+# Data tables (the models' config keys), several keys a line: the formatter's one key a line would double them.
 def sdxl_configs() -> dict[str, dict[str, Any]]:
     """stabilityai/stable-diffusion-xl-base-1.0's component configs (plus TAESD's defaults)."""
     return {
@@ -84,7 +93,8 @@ def sdxl_configs() -> dict[str, dict[str, Any]]:
             "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             "block_out_channels": (320, 640, 1280), "transformer_layers_per_block": (1, 2, 10),
             "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048, "use_linear_projection": True,
-            "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+            "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
         },
         "vae": {
             "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "sample_size": 1024,
@@ -108,9 +118,9 @@ def sdxl_configs() -> dict[str, dict[str, Any]]:
 def tiny_configs() -> dict[str, dict[str, Any]]:
     """diffusers' SDXL unit-test sizes (UNet widened to (32, 64) so it is not degenerate)."""
     text = {
-        "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 5, "projection_dim": 32,
-        "vocab_size": 1000, "max_position_embeddings": 77, "bos_token_id": 998, "eos_token_id": 999, "pad_token_id": 1,
-        "layer_norm_eps": 1e-5,
+        "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 5,
+        "projection_dim": 32, "vocab_size": 1000, "max_position_embeddings": 77, "bos_token_id": 998,
+        "eos_token_id": 999, "pad_token_id": 1, "layer_norm_eps": 1e-5,
     }
     return {
         "unet": {
@@ -119,7 +129,8 @@ def tiny_configs() -> dict[str, dict[str, Any]]:
             "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
             "block_out_channels": (32, 64), "transformer_layers_per_block": (1, 2), "attention_head_dim": (2, 4),
             "cross_attention_dim": 64, "use_linear_projection": True,
-            "addition_embed_type": "text_time", "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 80,
+            "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 80,
         },
         "vae": {
             "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 128, "norm_num_groups": 16,
@@ -137,13 +148,19 @@ def tiny_configs() -> dict[str, dict[str, Any]]:
         "text_encoder": dict(text, hidden_act="quick_gelu"),
         "text_encoder_2": dict(text, hidden_act="gelu"),
     }
+# fmt: on
 
 
 # --- importing ---------------------------------------------------------------------------------------------------
 _IMPORT_LOCK = threading.Lock()
 _DIFFUSERS_NAMES = ("AutoencoderKL", "AutoencoderTiny", "UNet2DConditionModel", "DPMSolverMultistepScheduler")
-_TRANSFORMERS_NAMES = ("CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer",
-                       "PreTrainedTokenizerBase")
+_TRANSFORMERS_NAMES = (
+    "CLIPTextConfig",
+    "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "CLIPTokenizer",
+    "PreTrainedTokenizerBase",
+)
 
 
 def import_model_classes() -> None:
@@ -198,8 +215,13 @@ def _log_progress(line: str) -> None:
 
 # --- building ---------------------------------------------------------------------------------------------------
 def _build_random(
-    configs: dict[str, dict[str, Any]], *, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
-    seed: int, build_on_device: bool,
+    configs: dict[str, dict[str, Any]],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    vae_dtype: torch.dtype,
+    seed: int,
+    build_on_device: bool,
 ) -> dict[str, Any]:
     """Construct every model from config with seeded random weights.
 
@@ -302,12 +324,18 @@ def _load_tokenizer(source: str, subfolder: str, local_files_only: bool) -> Any:
         raise LoadError(f"cannot load the tokenizer from {source}/{subfolder}: {type(exc).__name__}: {exc}") from exc
 
 
-def _load_model(model: str, *, dtype: torch.dtype, vae_dtype: torch.dtype, local_files_only: bool,
-                variant: str | None, progress: Callable[[str], None]) -> dict[str, Any]:
+def _load_model(
+    model: str,
+    *,
+    dtype: torch.dtype,
+    vae_dtype: torch.dtype,
+    local_files_only: bool,
+    variant: str | None,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    common = {"local_files_only": local_files_only, "variant": variant}
     # diffusers' default low_cpu_mem_usage needs accelerate; without it, ask for the plain path (no warning).
     low_mem = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
     out: dict[str, Any] = {}
@@ -319,7 +347,9 @@ def _load_model(model: str, *, dtype: torch.dtype, vae_dtype: torch.dtype, local
     ):
         t0 = time.perf_counter()
         extra = low_mem if cls is not CLIPTextModel and cls is not CLIPTextModelWithProjection else {}
-        out[name] = _from_pretrained(cls, model, name, dtype=want, **common, **extra)
+        out[name] = _from_pretrained(
+            cls, model, name, variant=variant, dtype=want, local_files_only=local_files_only, **extra
+        )
         progress(f"loaded {name} from {model} in {time.perf_counter() - t0:.1f}s")
     out["tokenizer"] = _load_tokenizer(model, "tokenizer", local_files_only)
     out["tokenizer_2"] = _load_tokenizer(model, "tokenizer_2", local_files_only)
@@ -336,8 +366,9 @@ def _load_taesd(taesd: str, *, vae_dtype: torch.dtype, local_files_only: bool) -
     from diffusers import AutoencoderTiny
 
     low_mem = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
-    return _from_pretrained(AutoencoderTiny, taesd, None, variant=None, dtype=vae_dtype,
-                            local_files_only=local_files_only, **low_mem)
+    return _from_pretrained(
+        AutoencoderTiny, taesd, None, variant=None, dtype=vae_dtype, local_files_only=local_files_only, **low_mem
+    )
 
 
 def load_components(
@@ -375,8 +406,9 @@ def load_components(
             components.source += f", TAESD from {taesd}"
     else:
         assert model is not None
-        parts = _load_model(model, dtype=dtype, vae_dtype=vae_dtype, local_files_only=local_files_only,
-                            variant=variant, progress=say)
+        parts = _load_model(
+            model, dtype=dtype, vae_dtype=vae_dtype, local_files_only=local_files_only, variant=variant, progress=say
+        )
         taesd_source = taesd or DEFAULT_TAESD
         parts["taesd"] = _load_taesd(taesd_source, vae_dtype=vae_dtype, local_files_only=local_files_only)
         for name in ("unet", "vae", "taesd", "text_encoder", "text_encoder_2"):

@@ -68,8 +68,17 @@ _REFUSED_UNLESS = {
     "use_dynamic_shifting": False,
 }
 _ACCEPTED = (
-    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-    "solver_order", "solver_type", "lower_order_final", "euler_at_final", "final_sigmas_type",
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "solver_order",
+    "solver_type",
+    "lower_order_final",
+    "euler_at_final",
+    "final_sigmas_type",
 )
 
 
@@ -230,9 +239,7 @@ class DPMSolver2MKarras:
         out = []
         for i in range(n):
             final = i == n - 1 and (
-                self.euler_at_final
-                or (self.lower_order_final and n < 15)
-                or self.final_sigmas_type == "zero"
+                self.euler_at_final or (self.lower_order_final and n < 15) or self.final_sigmas_type == "zero"
             )
             out.append(1 if (self.solver_order == 1 or i == 0 or final) else 2)
         return out

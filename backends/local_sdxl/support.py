@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,7 +35,7 @@ class StageTimer:
     def read(self) -> dict[str, float]:
         """Seconds between consecutive marks, named by the later mark. Call after the device is idle."""
         out: dict[str, float] = {}
-        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+        for (_, a), (name, b) in itertools.pairwise(self.marks):
             out[name] = a.elapsed_time(b) / 1000.0 if self.cuda else b - a
         return out
 
@@ -96,25 +97,82 @@ def resolve_device(name: str) -> torch.device:
 
 # Constructors that put a tensor on the default device when given none (torch.device(...) as a context manager
 # fills in the same ones, but also sets a process-global that torch.compile guards on).
-_DEVICE_FACTORIES = frozenset({
-    torch.empty, torch.empty_strided, torch.empty_permuted, torch.zeros, torch.ones, torch.full, torch.eye,
-    torch.arange, torch.range, torch.linspace, torch.logspace, torch.rand, torch.randn, torch.randint,
-    torch.randperm, torch.tensor, torch.as_tensor, torch.asarray, torch.scalar_tensor, torch.tril_indices,
-    torch.triu_indices,
-})
+_DEVICE_FACTORIES = frozenset(
+    {
+        torch.empty,
+        torch.empty_strided,
+        torch.empty_permuted,
+        torch.zeros,
+        torch.ones,
+        torch.full,
+        torch.eye,
+        torch.arange,
+        torch.range,
+        torch.linspace,
+        torch.logspace,
+        torch.rand,
+        torch.randn,
+        torch.randint,
+        torch.randperm,
+        torch.tensor,
+        torch.as_tensor,
+        torch.asarray,
+        torch.scalar_tensor,
+        torch.tril_indices,
+        torch.triu_indices,
+    }
+)
 # Constructors whose result has the default dtype whenever none is given.
-_DEFAULT_DTYPE = frozenset({torch.empty, torch.empty_strided, torch.empty_permuted, torch.zeros, torch.ones,
-                            torch.eye, torch.rand, torch.randn})
+_DEFAULT_DTYPE = frozenset(
+    {
+        torch.empty,
+        torch.empty_strided,
+        torch.empty_permuted,
+        torch.zeros,
+        torch.ones,
+        torch.eye,
+        torch.rand,
+        torch.randn,
+    }
+)
 # Constructors that infer their dtype from the data, using the default for Python floats.
-_INFERRED_DTYPE = frozenset({torch.tensor, torch.as_tensor, torch.asarray, torch.scalar_tensor, torch.full,
-                             torch.arange, torch.range, torch.linspace, torch.logspace})
+_INFERRED_DTYPE = frozenset(
+    {
+        torch.tensor,
+        torch.as_tensor,
+        torch.asarray,
+        torch.scalar_tensor,
+        torch.full,
+        torch.arange,
+        torch.range,
+        torch.linspace,
+        torch.logspace,
+    }
+)
 # Random number draws that take a ``generator=``: in-place tensor methods, then functions.
-_RANDOM = frozenset({
-    torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.random_, torch.Tensor.bernoulli_,
-    torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_, torch.Tensor.log_normal_,
-    torch.rand, torch.randn, torch.randint, torch.randperm, torch.normal, torch.bernoulli, torch.multinomial,
-    torch.poisson, torch.rand_like, torch.randn_like, torch.randint_like,
-})
+_RANDOM = frozenset(
+    {
+        torch.Tensor.uniform_,
+        torch.Tensor.normal_,
+        torch.Tensor.random_,
+        torch.Tensor.bernoulli_,
+        torch.Tensor.exponential_,
+        torch.Tensor.geometric_,
+        torch.Tensor.cauchy_,
+        torch.Tensor.log_normal_,
+        torch.rand,
+        torch.randn,
+        torch.randint,
+        torch.randperm,
+        torch.normal,
+        torch.bernoulli,
+        torch.multinomial,
+        torch.poisson,
+        torch.rand_like,
+        torch.randn_like,
+        torch.randint_like,
+    }
+)
 
 
 @functools.cache
@@ -158,8 +216,9 @@ class BuildMode(TorchFunctionMode):
             gen = self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return gen
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = dict(kwargs or {})
         if func in _DEVICE_FACTORIES and kwargs.get("device") is None:
             kwargs["device"] = self.device
@@ -167,13 +226,18 @@ class BuildMode(TorchFunctionMode):
             kwargs["dtype"] = self.dtype
         if kwargs.get("generator") is None and (func in _RANDOM or _takes_generator(func)):
             target = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-            gen = self._generator(target.device if target is not None
-                                  else torch.device(kwargs.get("device") or self.device))
+            gen = self._generator(
+                target.device if target is not None else torch.device(kwargs.get("device") or self.device)
+            )
             if gen is not None:
                 kwargs["generator"] = gen
         out = func(*args, **kwargs)
-        if (func in _INFERRED_DTYPE and kwargs.get("dtype") is None and isinstance(out, torch.Tensor)
-                and out.dtype == torch.get_default_dtype() != self.dtype
-                and not (args and isinstance(args[0], torch.Tensor | np.ndarray))):
+        if (
+            func in _INFERRED_DTYPE
+            and kwargs.get("dtype") is None
+            and isinstance(out, torch.Tensor)
+            and out.dtype == torch.get_default_dtype() != self.dtype
+            and not (args and isinstance(args[0], torch.Tensor | np.ndarray))
+        ):
             out = func(*args, **kwargs, dtype=self.dtype)  # the default dtype was used: ours instead
         return out

@@ -43,7 +43,7 @@ def byte_chars() -> tuple[str, ...]:
             order.append(b)
             codes.append(256 + n)
             n += 1
-    mapping = dict(zip(order, codes))
+    mapping = dict(zip(order, codes, strict=True))
     # CLIP's vocab.json lists characters in the order of bytes_to_unicode's values.
     return tuple(chr(mapping[b]) for b in order)
 
@@ -95,7 +95,7 @@ def make_clip_tokenizer(vocab_size: int, *, pad_token: str = EOS, max_length: in
         raise ValueError(f"pad token {pad_token!r} is not in the generated vocabulary")
     return CLIPTokenizer(
         vocab=dict(vocab),
-        merges=list(merges),
+        merges=list(merges),  # type: ignore[arg-type]  # pairs, as tokenizers' BPE takes them (not str)
         unk_token=EOS,
         bos_token=BOS,
         eos_token=EOS,

@@ -39,8 +39,10 @@ def _tokenizer_problems(name: str, tok: Any, encoder: Any) -> list[str]:
     if size > cfg.vocab_size:
         problems.append(f"{name} has {size} tokens but its text encoder embeds only {cfg.vocab_size}")
     if tok.model_max_length != cfg.max_position_embeddings:
-        problems.append(f"{name}.model_max_length is {tok.model_max_length}, expected "
-                        f"{cfg.max_position_embeddings} (the text encoder's positions)")
+        problems.append(
+            f"{name}.model_max_length is {tok.model_max_length}, expected "
+            f"{cfg.max_position_embeddings} (the text encoder's positions)"
+        )
     ids = tok(PROBE_PROMPT).input_ids
     special = {tok.bos_token_id, tok.eos_token_id, tok.unk_token_id}
     inner = ids[1:-1]
@@ -59,12 +61,19 @@ def verify_components(c: Components, *, device: torch.device, dtype: torch.dtype
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
     expected = {
-        "unet": UNet2DConditionModel, "vae": AutoencoderKL, "taesd": AutoencoderTiny,
-        "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection,
-        "tokenizer": PreTrainedTokenizerBase, "tokenizer_2": PreTrainedTokenizerBase,
+        "unet": UNet2DConditionModel,
+        "vae": AutoencoderKL,
+        "taesd": AutoencoderTiny,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": CLIPTextModelWithProjection,
+        "tokenizer": PreTrainedTokenizerBase,
+        "tokenizer_2": PreTrainedTokenizerBase,
     }
-    wrong = [f"{n} is {type(getattr(c, n)).__name__}, expected {cls.__name__}"
-             for n, cls in expected.items() if not isinstance(getattr(c, n), cls)]
+    wrong = [
+        f"{n} is {type(getattr(c, n)).__name__}, expected {cls.__name__}"
+        for n, cls in expected.items()
+        if not isinstance(getattr(c, n), cls)
+    ]
     if wrong:
         raise LoadError("not an SDXL base model: " + "; ".join(wrong))
     problems = _tokenizer_problems("tokenizer", c.tokenizer, c.text_encoder)
@@ -73,20 +82,29 @@ def verify_components(c: Components, *, device: torch.device, dtype: torch.dtype
     if u.addition_embed_type != "text_time":
         problems.append(f"unet addition_embed_type is {u.addition_embed_type!r}, expected 'text_time' (SDXL)")
     if u.cross_attention_dim != te.hidden_size + te2.hidden_size:
-        problems.append(f"unet cross_attention_dim {u.cross_attention_dim} != text encoder widths "
-                        f"{te.hidden_size}+{te2.hidden_size} (SDXL base: 2048)")
-    want_proj = 6 * (u.addition_time_embed_dim or 0) + te2.projection_dim
+        problems.append(
+            f"unet cross_attention_dim {u.cross_attention_dim} != text encoder widths "
+            f"{te.hidden_size}+{te2.hidden_size} (SDXL base: 2048)"
+        )
+    want_proj = 6 * (u.addition_time_embed_dim or 0) + (te2.projection_dim or 0)
     if u.projection_class_embeddings_input_dim != want_proj:
-        problems.append(f"unet projection_class_embeddings_input_dim {u.projection_class_embeddings_input_dim} "
-                        f"!= 6*{u.addition_time_embed_dim} + {te2.projection_dim}")
+        problems.append(
+            f"unet projection_class_embeddings_input_dim {u.projection_class_embeddings_input_dim} "
+            f"!= 6*{u.addition_time_embed_dim} + {te2.projection_dim}"
+        )
     latent = {u.in_channels, c.vae.config.latent_channels, c.taesd.config.latent_channels}
     if len(latent) != 1:
         problems.append(f"latent channels disagree (unet, vae, taesd): {sorted(latent)}")
     taesd_factor = c.taesd.config.upsampling_scaling_factor ** (len(c.taesd.config.decoder_block_out_channels) - 1)
     if taesd_factor != c.vae_scale_factor:
         problems.append(f"TAESD upsamples {taesd_factor}x but the VAE {c.vae_scale_factor}x")
-    for name, want in (("unet", dtype), ("text_encoder", dtype), ("text_encoder_2", dtype),
-                       ("vae", vae_dtype), ("taesd", vae_dtype)):
+    for name, want in (
+        ("unet", dtype),
+        ("text_encoder", dtype),
+        ("text_encoder_2", dtype),
+        ("vae", vae_dtype),
+        ("taesd", vae_dtype),
+    ):
         params = list(getattr(c, name).parameters())
         dtypes = {p.dtype for p in params if p.is_floating_point()}
         devices = {p.device for p in params}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import math
 import threading
 import time
@@ -36,8 +37,13 @@ log = structlog.get_logger("imagegate.local_sdxl")
 
 # CUDA errors after which the context is unusable: the backend marks itself not ready instead of failing
 # every later request in a confusing way.
-_FATAL_MARKERS = ("illegal memory access", "device-side assert", "unspecified launch failure",
-                  "uncorrectable ecc", "context is destroyed")
+_FATAL_MARKERS = (
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "uncorrectable ecc",
+    "context is destroyed",
+)
 
 
 @dataclass(eq=False)
@@ -88,8 +94,17 @@ class Worker:
     the device run; raising from it behaves exactly like the device raising (e.g. an injected OOM).
     """
 
-    def __init__(self, name: str, factory: Callable[[], Any], *, padded_batch: Callable[[int, int, int], int | None],
-                 max_batch: int, max_wait_s: float, queue_size: int, encode_threads: int = 2) -> None:
+    def __init__(
+        self,
+        name: str,
+        factory: Callable[[], Any],
+        *,
+        padded_batch: Callable[[int, int, int], int | None],
+        max_batch: int,
+        max_wait_s: float,
+        queue_size: int,
+        encode_threads: int = 2,
+    ) -> None:
         self.name = name
         self.factory = factory
         self.padded_batch = padded_batch
@@ -123,8 +138,10 @@ class Worker:
             if len(self._pending) >= self.queue_size:
                 # Full: the router's next candidate should take it now (not wait here); the estimate is
                 # only for the client's Retry-After if every candidate is full.
-                raise BackendQueueFull(f"{self.name}: queue full ({len(self._pending)} requests queued)",
-                                       retry_after=self._estimate_locked())
+                raise BackendQueueFull(
+                    f"{self.name}: queue full ({len(self._pending)} requests queued)",
+                    retry_after=self._estimate_locked(),
+                )
             self._pending.append(job)
             self._cond.notify()
 
@@ -161,8 +178,12 @@ class Worker:
         with self._cond:
             abandoned = list(self._running)
         for job in abandoned:
-            self._resolve(job, error=BackendUnavailable(
-                f"{self.name}: shutting down; the running batch did not finish within {timeout:g}s"))
+            self._resolve(
+                job,
+                error=BackendUnavailable(
+                    f"{self.name}: shutting down; the running batch did not finish within {timeout:g}s"
+                ),
+            )
         self._encoders.shutdown(wait=True)
 
     # -- worker thread ----------------------------------------------------------------------------------
@@ -251,11 +272,16 @@ class Worker:
         total = sum(j.n for j in jobs)
         padded = total if first.eager else (self.padded_batch(first.width, first.height, total) or total)
         batch = Batch(
-            width=first.width, height=first.height, steps=first.steps, decoder=first.decoder,
+            width=first.width,
+            height=first.height,
+            steps=first.steps,
+            decoder=first.decoder,
             prompts=tuple((j.prompt, j.negative) for j in jobs for _ in range(j.n)),
             seeds=tuple(s for j in jobs for s in j.seeds),
             guidance=tuple(j.guidance for j in jobs for _ in range(j.n)),
-            padded=padded, eager=first.eager)
+            padded=padded,
+            eager=first.eager,
+        )
         failure: ImagegateError | None = None
         try:
             if self.inject is not None:
@@ -275,7 +301,7 @@ class Worker:
         self.ewma_run_s = run_s if self.ewma_run_s == 0 else 0.8 * self.ewma_run_s + 0.2 * run_s
         offset = 0
         for job in jobs:
-            arrays = out.images[offset: offset + job.n]
+            arrays = out.images[offset : offset + job.n]
             offset += job.n
             stages = {"queue": start - job.enqueued, **out.stages}
             try:
@@ -291,11 +317,15 @@ class Worker:
             from PIL import Image as PILImage
 
             t0 = time.perf_counter()
-            images = tuple(Image(format=job.output_format,
-                                 data=imaging.encode(PILImage.fromarray(a), job.output_format, job.compression))
-                           for a in arrays)
+            images = tuple(
+                Image(
+                    format=job.output_format,
+                    data=imaging.encode(PILImage.fromarray(a), job.output_format, job.compression),
+                )
+                for a in arrays
+            )
             stages["encode"] = time.perf_counter() - t0
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - any encoding failure is this job's, the worker survives
             self._resolve(job, error=BackendFailed(f"{self.name}: image encoding failed: {scrub(str(exc))}"))
             return
         self._resolve(job, result=JobResult(images, stages, gpu_s))
@@ -335,10 +365,8 @@ class Worker:
             else:
                 job.future.set_result(result)
 
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             job.loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
 
 
 def _is_oom(exc: BaseException) -> bool:

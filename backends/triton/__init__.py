@@ -10,5 +10,13 @@ from backends.triton.backend import TritonBackend
 from backends.triton.codec import CodecError, decode_response, encode_request, split_calls
 from backends.triton.config import Inputs, Settings, TensorInput
 
-__all__ = ["CodecError", "Inputs", "Settings", "TensorInput", "TritonBackend", "decode_response",
-           "encode_request", "split_calls"]
+__all__ = [
+    "CodecError",
+    "Inputs",
+    "Settings",
+    "TensorInput",
+    "TritonBackend",
+    "decode_response",
+    "encode_request",
+    "split_calls",
+]

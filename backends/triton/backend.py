@@ -73,8 +73,15 @@ class TritonBackend(RemoteBackend[Settings]):
         s: Settings = spec.settings
         self._infer_path = infer_path(s)
         self._ready_path = ready_path(s)
-        super().__init__(spec, base_url=s.base_url, key=s.api_key, key_header=s.api_key_header,
-                         key_scheme=s.api_key_prefix, secret_headers=s.headers, health_interval=s.ready_interval_s)
+        super().__init__(
+            spec,
+            base_url=s.base_url,
+            key=s.api_key,
+            key_header=s.api_key_header,
+            key_scheme=s.api_key_prefix,
+            secret_headers=s.headers,
+            health_interval=s.ready_interval_s,
+        )
 
     async def probe(self) -> bool:
         try:

@@ -34,9 +34,18 @@ from backends.triton.config import Settings
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 NUMPY_DTYPES: Mapping[str, np.dtype] = {
-    "BOOL": np.dtype("?"), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"), "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
 }
 
 
@@ -71,9 +80,12 @@ def split_calls(request: ImageRequest, settings: Settings) -> list[ImageRequest]
     ``max_batch`` images, each starting at its own seed offset so no two images share a seed."""
     if settings.inputs.n is not None or request.n <= settings.max_batch:
         return [request]
-    return [dataclasses.replace(request, n=count, seed=seed,
-                                request_id=f"{request.request_id}-{i}" if request.request_id else "")
-            for i, (count, seed) in enumerate(seeded_batches(request.n, settings.max_batch, request.seed))]
+    return [
+        dataclasses.replace(
+            request, n=count, seed=seed, request_id=f"{request.request_id}-{i}" if request.request_id else ""
+        )
+        for i, (count, seed) in enumerate(seeded_batches(request.n, settings.max_batch, request.seed))
+    ]
 
 
 def _field_values(request: ImageRequest, field: str, rows: int) -> list[Any] | None:
@@ -81,8 +93,13 @@ def _field_values(request: ImageRequest, field: str, rows: int) -> list[Any] | N
     if field == "seed":  # one seed per row
         return None if request.seed is None else [request.seed + i for i in range(rows)]
     value = {
-        "prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
-        "width": request.width, "height": request.height, "guidance": request.guidance_scale, "n": request.n,
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "steps": request.steps,
+        "width": request.width,
+        "height": request.height,
+        "guidance": request.guidance_scale,
+        "n": request.n,
     }[field]
     return None if value is None else [value] * rows
 
@@ -201,7 +218,7 @@ def _bytes_elements(raw: bytes) -> list[bytes]:
         offset += 4
         if offset + size > len(raw):
             raise CodecError("truncated BYTES element")
-        items.append(raw[offset:offset + size])
+        items.append(raw[offset : offset + size])
         offset += size
     return items
 
@@ -290,7 +307,7 @@ def decode_response(headers: Mapping[str, str], body: bytes, settings: Settings)
             # Binary outputs follow the JSON back to back, in the order the outputs are listed.
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise CodecError(f"output {out.get('name')!r}: binary_data_size {size!r} beyond the body")
-            chunk = binary[offset:offset + size]
+            chunk = binary[offset : offset + size]
             offset += size
         if out.get("name") == settings.output and found is None:
             found, raw = out, chunk

@@ -26,14 +26,23 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-DataType = Literal["BYTES", "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-                   "FP16", "FP32", "FP64"]
+DataType = Literal[
+    "BYTES", "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"
+]
 
 # Request field → the tensor datatype used when the mapping does not name one.
-DEFAULT_DATATYPES: Mapping[str, str] = MappingProxyType({
-    "prompt": "BYTES", "negative_prompt": "BYTES", "seed": "INT64", "steps": "INT32",
-    "width": "INT32", "height": "INT32", "guidance": "FP32", "n": "INT32",
-})
+DEFAULT_DATATYPES: Mapping[str, str] = MappingProxyType(
+    {
+        "prompt": "BYTES",
+        "negative_prompt": "BYTES",
+        "seed": "INT64",
+        "steps": "INT32",
+        "width": "INT32",
+        "height": "INT32",
+        "guidance": "FP32",
+        "n": "INT32",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,12 +25,18 @@ class PixelboxBackend(RemoteBackend[Settings]):
 
     def __init__(self, spec: BackendSpec) -> None:
         s: Settings = spec.settings
-        super().__init__(spec, base_url=s.base_url, key=s.api_key, key_scheme="Token ",
-                         outputs=Outputs(s.allowed_output_hosts))
+        super().__init__(
+            spec, base_url=s.base_url, key=s.api_key, key_scheme="Token ", outputs=Outputs(s.allowed_output_hosts)
+        )
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
-        body = {"prompt": request.prompt, "width": request.width, "height": request.height,
-                "count": request.n, "seed": request.seed}
+        body = {
+            "prompt": request.prompt,
+            "width": request.width,
+            "height": request.height,
+            "count": request.n,
+            "seed": request.seed,
+        }
         with self.loads.track():
             response = await self.send("POST", "/v1/render", clock, json=body)  # the key goes with it
             self.raise_for_status(response)  # 429/503 overloaded, 5xx failed, 4xx rejected...

@@ -24,7 +24,7 @@ import httpx
 import pytest
 from PIL import Image as PILImage
 
-from backends.base import BackendSpec, ImageRequest, StageClock, Timeouts
+from backends.base import BackendSpec, Image, ImageRequest, StageClock, Timeouts
 from backends.cog import CogBackend, Settings
 from backends.errors import BackendQueueFull, BackendRejected, BackendUnavailable
 from backends.settings import SettingsError, build
@@ -44,15 +44,19 @@ def cog_python() -> str | None:
 # What `cog build` would generate into .cog/openapi_schema.json for predict.py's inputs; with it the
 # server validates inputs (422) instead of handing anything to predict().
 INPUT_SCHEMA = {
-    "type": "object", "title": "Input", "required": ["prompt"],
+    "type": "object",
+    "title": "Input",
+    "required": ["prompt"],
     "properties": {
-        "prompt": {"type": "string"}, "negative_prompt": {"type": "string"},
+        "prompt": {"type": "string"},
+        "negative_prompt": {"type": "string"},
         "width": {"type": "integer", "minimum": 8, "maximum": 512},
         "height": {"type": "integer", "minimum": 8, "maximum": 512},
         "num_outputs": {"type": "integer", "minimum": 1, "maximum": 4},
         "num_inference_steps": {"type": "integer", "minimum": 1, "maximum": 50},
         "guidance_scale": {"type": "number", "minimum": 0, "maximum": 20},
-        "seed": {"type": "integer"}, "output_format": {"type": "string", "enum": ["png", "jpg", "webp"]},
+        "seed": {"type": "integer"},
+        "output_format": {"type": "string", "enum": ["png", "jpg", "webp"]},
         "sleep": {"type": "number", "minimum": 0, "maximum": 30},
     },
 }
@@ -64,18 +68,23 @@ INPUT_SCHEMA = {
 def test_settings_validation() -> None:
     ok = build(Settings, {"base_url": "http://127.0.0.1:5000", "input": {"output_format_field": "output_format"}})
     assert ok.mapping.output_format_field == "output_format" and ok.mapping.size_mode == "width_height"
-    for raw, message in [({}, "base_url"), ({"base_url": "127.0.0.1:5000"}, "http"),
-                         ({"base_url": "http://x", "health_interval": 0}, "positive"),
-                         ({"base_url": "http://x", "input": {"nope": 1}}, "input.nope")]:
+    for raw, message in [
+        ({}, "base_url"),
+        ({"base_url": "127.0.0.1:5000"}, "http"),
+        ({"base_url": "http://x", "health_interval": 0}, "positive"),
+        ({"base_url": "http://x", "input": {"nope": 1}}, "input.nope"),
+    ]:
         with pytest.raises(SettingsError, match=message):
             build(Settings, raw)
 
 
 def make(base_url: str, **settings: Any) -> CogBackend:
-    raw = {"base_url": base_url, "health_interval": 0.2, "input": {"output_format_field": "output_format"},
-           **settings}
-    return CogBackend(BackendSpec(name="cog", type="cog", settings=build(Settings, raw),
-                                  timeouts=Timeouts(connect=1, read=20, total=30)))
+    raw = {"base_url": base_url, "health_interval": 0.2, "input": {"output_format_field": "output_format"}, **settings}
+    return CogBackend(
+        BackendSpec(
+            name="cog", type="cog", settings=build(Settings, raw), timeouts=Timeouts(connect=1, read=20, total=30)
+        )
+    )
 
 
 async def test_unreachable_container_is_not_ready_and_unavailable() -> None:
@@ -111,18 +120,33 @@ def cog_server(cog_work: Path) -> Iterator[str]:
     work = cog_work
     shutil.copy(PREDICTOR, work / "predict.py")
     (work / ".cog").mkdir()
-    (work / ".cog" / "openapi_schema.json").write_text(json.dumps(
-        {"openapi": "3.0.2", "info": {"title": "Cog", "version": "0.1.0"}, "paths": {},
-         "components": {"schemas": {"Input": INPUT_SCHEMA}}}))
+    (work / ".cog" / "openapi_schema.json").write_text(
+        json.dumps(
+            {
+                "openapi": "3.0.2",
+                "info": {"title": "Cog", "version": "0.1.0"},
+                "paths": {},
+                "components": {"schemas": {"Input": INPUT_SCHEMA}},
+            }
+        )
+    )
     (work / "out").mkdir()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {"PORT": str(port), "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
-           "IMAGEGATE_COG_OUT_DIR": str(work / "out"),
-           # cog's server spawns a bare `python` for the worker: it must be the cog venv's.
-           "PATH": f"{os.path.dirname(python)}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with run_process([python, "-m", "cog.server.http", "--host", "127.0.0.1"], ready_url=f"{base}/health-check",
-                     env=env, cwd=str(work), timeout=60):
+    env = {
+        "PORT": str(port),
+        "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+        "IMAGEGATE_COG_OUT_DIR": str(work / "out"),
+        # cog's server spawns a bare `python` for the worker: it must be the cog venv's.
+        "PATH": f"{os.path.dirname(python)}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    with run_process(
+        [python, "-m", "cog.server.http", "--host", "127.0.0.1"],
+        ready_url=f"{base}/health-check",
+        env=env,
+        cwd=str(work),
+        timeout=60,
+    ):
         end = time.monotonic() + 30
         while httpx.get(f"{base}/health-check", timeout=2).json().get("status") != "READY":
             assert time.monotonic() < end, "cog never became READY"
@@ -150,6 +174,12 @@ async def backend(cog_server: str) -> AsyncIterator[CogBackend]:
     await b.aclose()
 
 
+def data(image: Image) -> bytes:
+    """The image's bytes: cog answers with data URIs, decoded into ``data``."""
+    assert image.data is not None
+    return image.data
+
+
 def decode(data: bytes) -> PILImage.Image:
     image = PILImage.open(io.BytesIO(data))
     image.load()
@@ -160,10 +190,11 @@ def decode(data: bytes) -> PILImage.Image:
 async def test_generate(backend: CogBackend) -> None:
     assert backend.ready() and backend.health == "READY"
     clock = StageClock()
-    result = await backend.generate(ImageRequest(prompt="a red fox", n=2, width=64, height=48, seed=3,
-                                                 steps=4, negative_prompt="blur"), clock)
+    result = await backend.generate(
+        ImageRequest(prompt="a red fox", n=2, width=64, height=48, seed=3, steps=4, negative_prompt="blur"), clock
+    )
     assert [i.format for i in result.images] == ["png", "png"]
-    first, second = (decode(i.data) for i in result.images)
+    first, second = (decode(data(i)) for i in result.images)
     assert first.size == (64, 48) and first.getpixel((0, 0)) != second.getpixel((0, 0))
     assert result.usage.images == 2 and result.usage.predict_seconds is not None
     assert "remote_predict" in clock.stages and clock.backend_s > 0
@@ -175,12 +206,13 @@ async def test_output_format_and_parallel_split(cog_server: str) -> None:
     b = make(cog_server, input={"output_format_field": "output_format", "max_outputs_per_call": 1})
     await b.start()
     try:
-        result = await b.generate(ImageRequest(prompt="fox", n=3, width=32, height=32, output_format="jpeg"),
-                                  StageClock())
+        result = await b.generate(
+            ImageRequest(prompt="fox", n=3, width=32, height=32, output_format="jpeg"), StageClock()
+        )
     finally:
         await b.aclose()
     assert [i.format for i in result.images] == ["jpeg"] * 3
-    assert all(i.data[:3] == b"\xff\xd8\xff" for i in result.images)
+    assert all(data(i)[:3] == b"\xff\xd8\xff" for i in result.images)
 
 
 @pytest.mark.thirdparty
@@ -196,11 +228,15 @@ async def test_invalid_input_is_rejected(backend: CogBackend) -> None:
 
 
 @pytest.mark.thirdparty
-async def test_busy_is_overload_and_cancel_reaches_the_container(backend: CogBackend, cog_server: str,
-                                                                 cog_work: Path) -> None:
+async def test_busy_is_overload_and_cancel_reaches_the_container(
+    backend: CogBackend, cog_server: str, cog_work: Path
+) -> None:
     prompt = "busy, then cancelled"
-    slow = asyncio.create_task(backend.generate(
-        ImageRequest(prompt=prompt, width=32, height=32, options={"input": {"sleep": 20}}), StageClock()))
+    slow = asyncio.create_task(
+        backend.generate(
+            ImageRequest(prompt=prompt, width=32, height=32, options={"input": {"sleep": 20}}), StageClock()
+        )
+    )
     end = time.monotonic() + 5
     while await asyncio.to_thread(health, cog_server) != "BUSY":
         assert time.monotonic() < end
@@ -216,20 +252,27 @@ async def test_busy_is_overload_and_cancel_reaches_the_container(backend: CogBac
     await backend.check_health()
     assert backend.ready() and backend.health == "READY"
     # The marker does appear when a sleep runs its course.
-    await backend.generate(ImageRequest(prompt="a short nap", width=32, height=32,
-                                        options={"input": {"sleep": 0.1}}), StageClock())
+    await backend.generate(
+        ImageRequest(prompt="a short nap", width=32, height=32, options={"input": {"sleep": 0.1}}), StageClock()
+    )
     assert slept(cog_work, "a short nap")
 
 
 @pytest.mark.thirdparty
-async def test_cancel_by_id_stops_a_prediction_whose_connection_stays_open(backend: CogBackend, cog_server: str,
-                                                                           cog_work: Path) -> None:
+async def test_cancel_by_id_stops_a_prediction_whose_connection_stays_open(
+    backend: CogBackend, cog_server: str, cog_work: Path
+) -> None:
     # cog cancels a synchronous prediction by itself when its connection drops; here the connection stays
     # open (as through a proxy), so only our cancel by id can stop it.
     prompt = "held open by a proxy"
     async with httpx.AsyncClient() as other:
-        held = asyncio.create_task(other.put(f"{cog_server}/predictions/held", timeout=30,
-                                             json={"id": "held", "input": {"prompt": prompt, "sleep": 20}}))
+        held = asyncio.create_task(
+            other.put(
+                f"{cog_server}/predictions/held",
+                timeout=30,
+                json={"id": "held", "input": {"prompt": prompt, "sleep": 20}},
+            )
+        )
         end = time.monotonic() + 5
         while await asyncio.to_thread(health, cog_server) != "BUSY":
             assert time.monotonic() < end
@@ -257,7 +300,8 @@ def gateway(cog_server: str, hosted: FakeReplicate) -> Iterator[str]:
     from tests.servers import serve_gateway
 
     dead = f"http://127.0.0.1:{free_port()}"
-    config = load_config_text(f"""
+    config = load_config_text(
+        f"""
 server: {{default_deadline_s: 20, max_retries: 1, retry_backoff_s: 0.01, cooldown_failures: 0}}
 backends:
   cog_down:
@@ -297,7 +341,9 @@ routes:
     strategy: fallback
     candidates: [{{backend: cog_down}}, {{backend: cog}}, {{backend: hosted}}]
 default_tier: standard
-""", "cog-test-routes.yaml")
+""",
+        "cog-test-routes.yaml",
+    )
     with serve_gateway(config) as base:
         yield base
 
@@ -316,13 +362,18 @@ def test_gateway_success(gateway: str, cog_server: str) -> None:
 
 
 @pytest.mark.thirdparty
-def test_gateway_busy_container_overflows_to_the_hosted_api(gateway: str, cog_server: str,
-                                                            hosted: FakeReplicate) -> None:
+def test_gateway_busy_container_overflows_to_the_hosted_api(
+    gateway: str, cog_server: str, hosted: FakeReplicate
+) -> None:
     hosted.reset()
     # Someone else holds the container's only slot for 3 s.
-    occupant = threading.Thread(target=lambda: httpx.put(
-        f"{cog_server}/predictions/occupant", json={"id": "occupant", "input": {"prompt": "x", "sleep": 3}},
-        timeout=10))
+    occupant = threading.Thread(
+        target=lambda: httpx.put(
+            f"{cog_server}/predictions/occupant",
+            json={"id": "occupant", "input": {"prompt": "x", "sleep": 3}},
+            timeout=10,
+        )
+    )
     occupant.start()
     end = time.monotonic() + 3
     while health(cog_server) != "BUSY":

@@ -48,6 +48,7 @@ class PixelboxFake:
         self.auth.append(dict(scope["headers"]).get(b"authorization", b"").decode())
         body = orjson.loads(raw)
         self.bodies.append(body)
+        answer: dict[str, Any]
         if scope["path"] != "/v1/render" or self.auth[-1] != f"Token {self.expected}":
             status, answer = 401, {"error": {"message": f"bad key {self.auth[-1]}"}}  # echoes the key
         elif self.status != 200:
@@ -99,12 +100,19 @@ def test_the_example_serves_a_request_through_the_gateway(pixelbox: Served) -> N
     assert KEY not in pixelbox.cdn.header_text()
 
 
-@pytest.mark.parametrize(("status", "missing", "error"), [
-    (429, 0, BackendOverloaded), (503, 0, BackendOverloaded), (500, 0, BackendFailed), (422, 0, BackendRejected),
-    (200, 1, BackendProtocolError),
-])
-async def test_failures_map_into_the_vocabulary(pixelbox: Served, status: int, missing: int,
-                                                error: type[Exception]) -> None:
+@pytest.mark.parametrize(
+    ("status", "missing", "error"),
+    [
+        (429, 0, BackendOverloaded),
+        (503, 0, BackendOverloaded),
+        (500, 0, BackendFailed),
+        (422, 0, BackendRejected),
+        (200, 1, BackendProtocolError),
+    ],
+)
+async def test_failures_map_into_the_vocabulary(
+    pixelbox: Served, status: int, missing: int, error: type[Exception]
+) -> None:
     backend = registry.create(pixelbox.config.backends["pixelbox"].spec)
     request = ImageRequest(prompt="p", width=64, height=64)
     with pytest.raises(BackendUnavailable, match="not started"):

@@ -6,12 +6,14 @@ import asyncio
 import base64
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 
 from backends.base import BackendSpec, ImageRequest, StageClock, Timeouts
 from backends.errors import (
+    BackendError,
     BackendFailed,
     BackendOverloaded,
     BackendProtocolError,
@@ -39,8 +41,12 @@ from tests.servers import post_generation as _post
 # -- pure: request mapping ---------------------------------------------------------------------------
 
 PRESET_SIZES = [
-    ("square_hd", 1024, 1024), ("square", 512, 512), ("portrait_4_3", 768, 1024),
-    ("portrait_16_9", 576, 1024), ("landscape_4_3", 1024, 768), ("landscape_16_9", 1024, 576),
+    ("square_hd", 1024, 1024),
+    ("square", 512, 512),
+    ("portrait_4_3", 768, 1024),
+    ("portrait_16_9", 576, 1024),
+    ("landscape_4_3", 1024, 768),
+    ("landscape_16_9", 1024, 576),
 ]
 
 
@@ -79,32 +85,65 @@ routes:
 """
     )
     assert "1024x1024" in config.backends["fal"].capabilities.sizes
-    assert [c.backend for c in plan(ImageRequest(prompt="x", width=1024, height=1024), config).candidates] \
-        == ["fal", "other"]
+    assert [c.backend for c in plan(ImageRequest(prompt="x", width=1024, height=1024), config).candidates] == [
+        "fal",
+        "other",
+    ]
     odd = plan(ImageRequest(prompt="x", width=832, height=1216), config)
     assert [c.backend for c in odd.candidates] == ["other"]
     assert dict(odd.skipped)["fal"].startswith("size 832x1216 not in")
 
 
 def test_to_input_full_mapping() -> None:
-    request = ImageRequest(prompt="a fox", n=2, width=1024, height=576, negative_prompt="blurry", steps=25,
-                           guidance_scale=6.5, output_format="png")
+    request = ImageRequest(
+        prompt="a fox",
+        n=2,
+        width=1024,
+        height=576,
+        negative_prompt="blurry",
+        steps=25,
+        guidance_scale=6.5,
+        output_format="png",
+    )
     assert to_input(request, InputMapping(enable_safety_checker=False), seed=7) == {
-        "prompt": "a fox", "image_size": "landscape_16_9", "num_images": 2, "negative_prompt": "blurry",
-        "num_inference_steps": 25, "guidance_scale": 6.5, "seed": 7, "format": "png",
+        "prompt": "a fox",
+        "image_size": "landscape_16_9",
+        "num_images": 2,
+        "negative_prompt": "blurry",
+        "num_inference_steps": 25,
+        "guidance_scale": 6.5,
+        "seed": 7,
+        "format": "png",
         "enable_safety_checker": False,
     }
 
 
 def test_to_input_model_family_keys() -> None:
     # A FLUX-like family: output_format instead of format, no negative prompt/guidance, data URIs wanted.
-    flux = InputMapping(format_key="output_format", negative_prompt_key=None, guidance_key=None, sync_mode=True,
-                        extra={"acceleration": "regular"})
-    request = ImageRequest(prompt="p", width=640, height=480, negative_prompt="x", guidance_scale=3.0,
-                           output_format="jpeg", options={"fal_input": {"acceleration": "high"}})
-    assert to_input(request, flux) == {"prompt": "p", "image_size": {"width": 640, "height": 480},
-                                       "num_images": 1, "output_format": "jpeg", "sync_mode": True,
-                                       "acceleration": "high"}
+    flux = InputMapping(
+        format_key="output_format",
+        negative_prompt_key=None,
+        guidance_key=None,
+        sync_mode=True,
+        extra={"acceleration": "regular"},
+    )
+    request = ImageRequest(
+        prompt="p",
+        width=640,
+        height=480,
+        negative_prompt="x",
+        guidance_scale=3.0,
+        output_format="jpeg",
+        options={"fal_input": {"acceleration": "high"}},
+    )
+    assert to_input(request, flux) == {
+        "prompt": "p",
+        "image_size": {"width": 640, "height": 480},
+        "num_images": 1,
+        "output_format": "jpeg",
+        "sync_mode": True,
+        "acceleration": "high",
+    }
     # webp is not a format fast-sdxl can produce: leave it out, the gateway re-encodes.
     assert "format" not in to_input(ImageRequest(prompt="p", output_format="webp"), InputMapping())
 
@@ -123,13 +162,22 @@ def test_n_maps_to_num_images_and_parallel_calls() -> None:
 
 
 def test_from_output() -> None:
-    out = from_output({"images": [{"url": "https://v3.fal.media/files/a.jpg", "width": 1024, "height": 768,
-                                   "content_type": "image/jpeg"}],
-                       "timings": {"inference": 1.25}, "seed": 9, "has_nsfw_concepts": [False], "prompt": "p"})
+    out = from_output(
+        {
+            "images": [
+                {"url": "https://v3.fal.media/files/a.jpg", "width": 1024, "height": 768, "content_type": "image/jpeg"}
+            ],
+            "timings": {"inference": 1.25},
+            "seed": 9,
+            "has_nsfw_concepts": [False],
+            "prompt": "p",
+        }
+    )
     assert out.images[0].url.endswith("a.jpg") and (out.images[0].width, out.images[0].height) == (1024, 768)
     assert (out.predict_seconds, out.seed, out.has_nsfw_concepts) == (1.25, 9, (False,))
     assert from_output({"images": [], "timings": {"a": 1, "b": 0.5}}).predict_seconds == 1.5
     assert from_output({"images": []}).predict_seconds is None
+    bad: object
     for bad in ({"detail": "x"}, [], {"images": [{"width": 3}]}, {"images": "no"}):
         with pytest.raises(BackendProtocolError):
             from_output(bad)
@@ -142,36 +190,57 @@ def _resp(status: int, body: object = None, headers: dict | None = None) -> http
     return httpx.Response(status, json=body, headers=headers or {})
 
 
-@pytest.mark.parametrize(("response", "kind"), [
-    (_resp(200, {"images": []}), None),
-    (_resp(429, {"detail": "slow down"}, {"Retry-After": "3"}), BackendOverloaded),
-    (_resp(503, {"detail": "x", "error_type": "runner_scheduling_failure"},
-           {"X-Fal-Error-Type": "runner_scheduling_failure"}), BackendOverloaded),
-    (_resp(503, {"detail": "x", "error_type": "runner_disconnected"}), BackendOverloaded),
-    (_resp(503, {"detail": "x"}, {"X-Fal-Error-Type": "runner_connection_timeout"}), BackendOverloaded),
-    (_resp(504, {"detail": "x", "error_type": "startup_timeout"}), BackendTimeout),
-    (_resp(504, {"detail": "x"}, {"X-Fal-Error-Type": "request_timeout"}), BackendTimeout),
-    (_resp(504, {"detail": "x"}, {"X-Fal-Request-Timeout-Type": "user"}), BackendRejected),
-    (_resp(500, {"detail": "boom"}, {"X-Fal-Needs-Retry": "1"}), BackendOverloaded),
-    (_resp(422, {"detail": [{"loc": ["body", "num_images"], "msg": "must be <= 8", "type": "value_error"}]}),
-     BackendRejected),
-    (_resp(500, {"detail": "CUDA out of memory"}), BackendFailed),
-    (_resp(401, {"detail": f"bad key {KEY}"}), BackendFailed),
-])
+@pytest.mark.parametrize(
+    ("response", "kind"),
+    [
+        (_resp(200, {"images": []}), None),
+        (_resp(429, {"detail": "slow down"}, {"Retry-After": "3"}), BackendOverloaded),
+        (
+            _resp(
+                503,
+                {"detail": "x", "error_type": "runner_scheduling_failure"},
+                {"X-Fal-Error-Type": "runner_scheduling_failure"},
+            ),
+            BackendOverloaded,
+        ),
+        (_resp(503, {"detail": "x", "error_type": "runner_disconnected"}), BackendOverloaded),
+        (_resp(503, {"detail": "x"}, {"X-Fal-Error-Type": "runner_connection_timeout"}), BackendOverloaded),
+        (_resp(504, {"detail": "x", "error_type": "startup_timeout"}), BackendTimeout),
+        (_resp(504, {"detail": "x"}, {"X-Fal-Error-Type": "request_timeout"}), BackendTimeout),
+        (_resp(504, {"detail": "x"}, {"X-Fal-Request-Timeout-Type": "user"}), BackendRejected),
+        (_resp(500, {"detail": "boom"}, {"X-Fal-Needs-Retry": "1"}), BackendOverloaded),
+        (
+            _resp(422, {"detail": [{"loc": ["body", "num_images"], "msg": "must be <= 8", "type": "value_error"}]}),
+            BackendRejected,
+        ),
+        (_resp(500, {"detail": "CUDA out of memory"}), BackendFailed),
+        (_resp(401, {"detail": f"bad key {KEY}"}), BackendFailed),
+    ],
+)
 def test_error_for(response: httpx.Response, kind: type | None) -> None:
     error = error_for(response, backend="fal", secrets=(KEY,))
     if kind is None:
         assert error is None
         return
-    assert type(error) is kind
+    assert error is not None and type(error) is kind
     assert KEY not in error.message
 
 
 def test_error_for_details() -> None:
     rate = error_for(_resp(429, {"detail": "x"}, {"Retry-After": "3"}), backend="fal")
     assert rate is not None and rate.retry_after == 3.0
-    invalid = error_for(_resp(422, {"detail": [{"loc": ["body", "image_size", "width"], "msg": "too large"},
-                                               {"loc": ["body", "prompt"], "msg": "field required"}]}), backend="f")
+    invalid = error_for(
+        _resp(
+            422,
+            {
+                "detail": [
+                    {"loc": ["body", "image_size", "width"], "msg": "too large"},
+                    {"loc": ["body", "prompt"], "msg": "field required"},
+                ]
+            },
+        ),
+        backend="f",
+    )
     assert invalid is not None and "image_size.width: too large; prompt: field required" in invalid.message
     # X-Fal-Request-Timeout came from our own start_timeout: there may be time left for another backend.
     start = error_for(_resp(504, {}, {"X-Fal-Request-Timeout-Type": "user"}), backend="f", deadline_bound=False)
@@ -181,10 +250,13 @@ def test_error_for_details() -> None:
 def test_settings_are_strict() -> None:
     ok = build(FalSettings, {"key": "k", "app": "fal-ai/flux/schnell", "input": {"presets": {"sq": "64x64"}}})
     assert ok.mode == "queue" and ok.input.preset_table() == {"sq": (64, 64)}
-    for raw, where in [({"key": "k", "app": "fast-sdxl"}, "app"), ({"key": " ", "app": "a/b"}, "key"),
-                       ({"key": "k", "app": "a/b", "modee": "sync"}, "modee"),
-                       ({"key": "k", "app": "a/b", "mode": "stream"}, "mode"),
-                       ({"key": "k", "app": "a/b", "input": {"presets": {"x": "big"}}}, "WIDTHxHEIGHT")]:
+    for raw, where in [
+        ({"key": "k", "app": "fast-sdxl"}, "app"),
+        ({"key": " ", "app": "a/b"}, "key"),
+        ({"key": "k", "app": "a/b", "modee": "sync"}, "modee"),
+        ({"key": "k", "app": "a/b", "mode": "stream"}, "mode"),
+        ({"key": "k", "app": "a/b", "input": {"presets": {"x": "big"}}}, "WIDTHxHEIGHT"),
+    ]:
         with pytest.raises(SettingsError, match=where):
             build(FalSettings, raw)
 
@@ -206,11 +278,19 @@ def fake(served: FalFake) -> FalFake:
 
 
 async def started(fake: FalFake, **overrides: object) -> FalBackend:
-    raw = {"key": fake.key, "app": "fal-ai/fast-sdxl", "queue_base_url": fake.queue_url,
-           "run_base_url": fake.run_url, "poll_interval": 0.01, "allowed_output_hosts": [fake.output_host],
-           "cancel_timeout": 2.0, **overrides}
-    spec = BackendSpec(name="falfake", type="fal", settings=build(FalSettings, raw),
-                       timeouts=Timeouts(connect=2, read=5, total=10))
+    raw = {
+        "key": fake.key,
+        "app": "fal-ai/fast-sdxl",
+        "queue_base_url": fake.queue_url,
+        "run_base_url": fake.run_url,
+        "poll_interval": 0.01,
+        "allowed_output_hosts": [fake.output_host],
+        "cancel_timeout": 2.0,
+        **overrides,
+    }
+    spec = BackendSpec(
+        name="falfake", type="fal", settings=build(FalSettings, raw), timeouts=Timeouts(connect=2, read=5, total=10)
+    )
     backend = FalBackend(spec)
     assert not backend.ready()
     await backend.start()
@@ -218,8 +298,10 @@ async def started(fake: FalFake, **overrides: object) -> FalBackend:
     return backend
 
 
-def req(**kw: object) -> ImageRequest:
-    return ImageRequest(**{"prompt": "a red fox", "deadline": time.monotonic() + 10, **kw})  # type: ignore[arg-type]
+def req(**kw: Any) -> ImageRequest:
+    kw.setdefault("prompt", "a red fox")
+    kw.setdefault("deadline", time.monotonic() + 10)
+    return ImageRequest(**kw)
 
 
 async def test_not_started_is_unavailable(fake: FalFake) -> None:
@@ -281,17 +363,21 @@ async def test_sync_mode_with_data_uris(fake: FalFake) -> None:
 
 
 @pytest.mark.parametrize("mode", ["queue", "sync"])
-@pytest.mark.parametrize(("failure", "kind", "retry_after"), [
-    (Failure.rate_limited(2), BackendOverloaded, 2.0),
-    (Failure.infra("runner_scheduling_failure"), BackendOverloaded, None),
-    (Failure.infra("startup_timeout"), BackendTimeout, None),
-    (Failure.user_timeout(), BackendRejected, None),
-    (Failure.validation("image_size", "unsupported size"), BackendRejected, None),
-    (Failure.needs_retry(), BackendOverloaded, None),
-    (Failure(500, {"detail": f"internal error for Key {KEY}"}), BackendFailed, None),
-])
-async def test_failures_map_to_vocabulary(fake: FalFake, mode: str, failure: Failure, kind: type,
-                                          retry_after: float | None) -> None:
+@pytest.mark.parametrize(
+    ("failure", "kind", "retry_after"),
+    [
+        (Failure.rate_limited(2), BackendOverloaded, 2.0),
+        (Failure.infra("runner_scheduling_failure"), BackendOverloaded, None),
+        (Failure.infra("startup_timeout"), BackendTimeout, None),
+        (Failure.user_timeout(), BackendRejected, None),
+        (Failure.validation("image_size", "unsupported size"), BackendRejected, None),
+        (Failure.needs_retry(), BackendOverloaded, None),
+        (Failure(500, {"detail": f"internal error for Key {KEY}"}), BackendFailed, None),
+    ],
+)
+async def test_failures_map_to_vocabulary(
+    fake: FalFake, mode: str, failure: Failure, kind: type[BackendError], retry_after: float | None
+) -> None:
     fake.reset(fail_submit=[failure])
     backend = await started(fake, mode=mode)
     try:
@@ -340,12 +426,15 @@ async def test_wrong_key_is_not_echoed(fake: FalFake) -> None:
     assert "401" in info.value.message and "wrong-key-123456" not in info.value.message
 
 
-@pytest.mark.parametrize(("completed_error", "kind", "text"), [
-    (Failure.validation("prompt", "prompt is flagged"), BackendRejected, "prompt: prompt is flagged"),
-    (Failure(500, {"detail": "CUDA out of memory"}), BackendFailed, "CUDA out of memory"),
-    (Failure.infra("request_timeout"), BackendTimeout, "request_timeout"),
-    (Failure.user_timeout(), BackendRejected, "deadline passed before a fal runner started"),
-])
+@pytest.mark.parametrize(
+    ("completed_error", "kind", "text"),
+    [
+        (Failure.validation("prompt", "prompt is flagged"), BackendRejected, "prompt: prompt is flagged"),
+        (Failure(500, {"detail": "CUDA out of memory"}), BackendFailed, "CUDA out of memory"),
+        (Failure.infra("request_timeout"), BackendTimeout, "request_timeout"),
+        (Failure.user_timeout(), BackendRejected, "deadline passed before a fal runner started"),
+    ],
+)
 async def test_completed_with_error(fake: FalFake, completed_error: Failure, kind: type, text: str) -> None:
     fake.reset(completed_error=completed_error)
     backend = await started(fake)
@@ -358,11 +447,14 @@ async def test_completed_with_error(fake: FalFake, completed_error: Failure, kin
 
 
 @pytest.mark.parametrize("mode", ["queue", "sync"])
-@pytest.mark.parametrize(("scenario", "kind", "text"), [
-    ({"result": "malformed"}, BackendProtocolError, "not valid JSON"),
-    ({"result": "reset"}, BackendProtocolError, "connection broke"),
-    ({"output_status": 404}, OutputFetchError, "HTTP 404"),
-])
+@pytest.mark.parametrize(
+    ("scenario", "kind", "text"),
+    [
+        ({"result": "malformed"}, BackendProtocolError, "not valid JSON"),
+        ({"result": "reset"}, BackendProtocolError, "connection broke"),
+        ({"output_status": 404}, OutputFetchError, "HTTP 404"),
+    ],
+)
 async def test_broken_outputs(fake: FalFake, mode: str, scenario: dict, kind: type, text: str) -> None:
     fake.reset(**scenario)
     backend = await started(fake, mode=mode)
@@ -465,7 +557,8 @@ async def test_sync_cancellation_drops_the_connection(fake: FalFake) -> None:
 def gateway_config(fake: FalFake) -> object:
     from gateway.config import load_config_text
 
-    return load_config_text(f"""
+    return load_config_text(
+        f"""
 server: {{default_deadline_s: 20, max_retries: 1, retry_backoff_s: 0.01, cooldown_failures: 0}}
 backends:
   fal_queue:
@@ -498,7 +591,9 @@ routes:
     strategy: fallback
     candidates: [{{backend: fal_queue}}, {{backend: fal_sync}}]
 default_tier: standard
-""", "fal-test-routes.yaml")
+""",
+        "fal-test-routes.yaml",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -525,8 +620,11 @@ def test_gateway_success(gateway: str, fake: FalFake) -> None:
 
 def test_gateway_falls_back_to_the_next_fal_backend(gateway: str, fake: FalFake) -> None:
     # The queue backend is refused twice (first try + one same-backend retry), the sync one serves it.
-    leak = Failure(503, {"detail": f"no runner for Key {fake.key}", "error_type": "runner_scheduling_failure"},
-                   {"X-Fal-Error-Type": "runner_scheduling_failure"})
+    leak = Failure(
+        503,
+        {"detail": f"no runner for Key {fake.key}", "error_type": "runner_scheduling_failure"},
+        {"X-Fal-Error-Type": "runner_scheduling_failure"},
+    )
     fake.reset(fail_submit=[leak, leak])
     resp = _post(gateway, {"prompt": "a red fox", "size": "512x512"})
     assert resp.status_code == 200, resp.text

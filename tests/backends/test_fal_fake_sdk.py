@@ -17,18 +17,20 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-fal_client = pytest.importorskip("fal_client", reason="fal-client is not installed")
+pytest.importorskip("fal_client", reason="fal-client is not installed")
 x509 = pytest.importorskip("cryptography.x509", reason="cryptography is not installed")
 
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
+import fal_client
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from tests.fakes.fal_fake import Failure, FalFake  # noqa: E402
-from tests.servers import serve_app  # noqa: E402
+from tests.fakes.fal_fake import Failure, FalFake
+from tests.servers import serve_app
 
 KEY = "fal-sdk-test-key-0123456789"
 APP = "fal-ai/fast-sdxl"
@@ -36,43 +38,66 @@ APP = "fal-ai/fast-sdxl"
 
 def _make_certs(directory: Path) -> tuple[Path, Path, Path]:
     """A CA and a leaf for 127.0.0.1 signed by it → (ca.pem, leaf.pem, leaf.key)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imagegate test CA")])
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(ca_ski, critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])).issuer_name(ca_name)
-            .public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     paths = directory / "ca.pem", directory / "leaf.pem", directory / "leaf.key"
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()))
+    paths[2].write_bytes(
+        leaf_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return paths
-
 
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FalFake, Path]]:
     ca, leaf, key = _make_certs(tmp_path_factory.mktemp("fal-tls"))
     fake = FalFake(key=KEY)
-    tls_files = {"ssl_certfile": str(leaf), "ssl_keyfile": str(key)}
+    tls_files: dict[str, Any] = {"ssl_certfile": str(leaf), "ssl_keyfile": str(key)}
     with serve_app(fake.queue_app, **tls_files) as queue_url, serve_app(fake.run_app, **tls_files) as run_url:
         fake.queue_url, fake.run_url = queue_url, run_url
         yield fake, ca
@@ -112,15 +137,22 @@ out = fal_client.subscribe({APP!r}, arguments={{"prompt": "a fox", "image_size":
 ran = fal_client.run({APP!r}, arguments={{"prompt": "a fox", "num_images": 2, "sync_mode": True}})
 print(json.dumps({{"seen": seen, "queued": out, "ran": ran}}))
 """
-    env = {**os.environ, "FAL_RUN_HOST": _host(fake.run_url), "FAL_QUEUE_RUN_HOST": _host(fake.queue_url),
-           "FAL_KEY": KEY, "SSL_CERT_FILE": str(ca), "HOME": str(ca.parent)}
+    env = {
+        **os.environ,
+        "FAL_RUN_HOST": _host(fake.run_url),
+        "FAL_QUEUE_RUN_HOST": _host(fake.queue_url),
+        "FAL_KEY": KEY,
+        "SSL_CERT_FILE": str(ca),
+        "HOME": str(ca.parent),
+    }
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["seen"][:2] == ["Queued", "Queued"] and result["seen"][-1] == "Completed"
     assert "InProgress" in result["seen"]
     assert result["queued"]["images"][0]["width"] == 512 and result["queued"]["images"][0]["url"].startswith(
-        fake.queue_url + "/files/")
+        fake.queue_url + "/files/"
+    )
     assert [i["url"][:22] for i in result["ran"]["images"]] == ["data:image/jpeg;base64"] * 2
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -117,8 +118,13 @@ async def test_against_uvicorn_json_and_streamed_request_body(client: httpx.Asyn
             if not message.get("more_body"):
                 break
         out = b'{"len": %d, "method": "%s"}' % (len(body), scope["method"].encode())
-        await send({"type": "http.response.start", "status": 201,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(out))]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 201,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(out))],
+            }
+        )
         await send({"type": "http.response.body", "body": out})
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -146,12 +152,11 @@ async def test_chunked_response_streams_before_the_end(client: httpx.AsyncClient
         await writer.drain()
         await reader.read()  # keep the connection open until the client is done
 
-    async with RawServer(chunked) as server:
-        async with client.stream("GET", server.url) as r:
-            parts = r.aiter_bytes()
-            assert await asyncio.wait_for(parts.__anext__(), 2) == b"hello"  # before the rest exists
-            release.set()
-            assert b"".join([p async for p in parts]) == b" world"
+    async with RawServer(chunked) as server, client.stream("GET", server.url) as r:
+        parts = r.aiter_bytes()
+        assert await asyncio.wait_for(parts.__anext__(), 2) == b"hello"  # before the rest exists
+        release.set()
+        assert b"".join([p async for p in parts]) == b" world"
 
 
 async def test_large_body_with_backpressure(client: httpx.AsyncClient) -> None:
@@ -248,7 +253,7 @@ async def test_read_timeout_waiting_for_the_head_and_for_the_body(client: httpx.
 
     for head in (b"", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"):
         client_left.clear()
-        async with RawServer(lambda r, w, head=head: stall(r, w, head)) as server:
+        async with RawServer(functools.partial(stall, head=head)) as server:
             began = time.monotonic()
             with pytest.raises(httpx.ReadTimeout):  # only the read timeout raises this (the others are 5 s)
                 await client.get(server.url, timeout=httpx.Timeout(5.0, read=0.2))
@@ -280,6 +285,7 @@ async def test_pool_limit_and_pool_timeout() -> None:
     limits = httpx.Limits(max_connections=2, max_keepalive_connections=2)
     async with RawServer(slow) as server, httpx.AsyncClient(transport=FastTransport(limits)) as c:
         tasks = [asyncio.create_task(c.get(server.url, timeout=5.0)) for _ in range(6)]
+
         async def two_busy() -> None:  # two connections busy; the four other requests wait for one
             while active < 2:
                 await asyncio.sleep(0.005)
@@ -327,8 +333,10 @@ async def test_idle_connections_expire_and_server_side_closes_are_noticed() -> N
         await asyncio.sleep(0.05)  # the server's FIN is processed: the pooled connection is known dead
         assert (await c.get(server.url)).content == b"x"
         assert server.connections == 2
-    async with RawServer(echo_forever) as server, httpx.AsyncClient(transport=FastTransport(
-            httpx.Limits(keepalive_expiry=0.1))) as c:
+    async with (
+        RawServer(echo_forever) as server,
+        httpx.AsyncClient(transport=FastTransport(httpx.Limits(keepalive_expiry=0.1))) as c,
+    ):
         await c.get(server.url)
         await asyncio.sleep(0.25)
         await c.get(server.url)
@@ -412,8 +420,9 @@ async def test_backends_http_maps_transport_errors() -> None:
 
     async with make_client(spec(read=0.2)) as client:
         with pytest.raises(BackendUnavailable):
-            await send(client, client.build_request("GET", f"http://127.0.0.1:{free_port()}/"), StageClock(),
-                       backend="up")
+            await send(
+                client, client.build_request("GET", f"http://127.0.0.1:{free_port()}/"), StageClock(), backend="up"
+            )
         async with RawServer(cut) as server:
             with pytest.raises(BackendProtocolError):
                 await send(client, client.build_request("GET", server.url), StageClock(), backend="up")

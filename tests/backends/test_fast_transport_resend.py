@@ -58,8 +58,7 @@ class IdleCloser:
 @pytest.mark.parametrize("how", ["fin", "reset"])
 async def test_stale_keep_alive_connection_resent_once_when_safe(how: str) -> None:
     server_side = IdleCloser(how)
-    async with RawServer(server_side) as server, httpx.AsyncClient(transport=FastTransport(),
-                                                                    timeout=5.0) as client:
+    async with RawServer(server_side) as server, httpx.AsyncClient(transport=FastTransport(), timeout=5.0) as client:
         assert (await client.get(server.url + "/one")).status_code == 200
         # Reused connection, closed as the request arrived, nothing received: resent on a fresh connection.
         r = await client.get(server.url + "/two")
@@ -79,8 +78,12 @@ async def test_stale_keep_alive_connection_resent_once_when_safe(how: str) -> No
         assert (await client.get(server.url + "/five")).status_code == 200  # a new pooled connection
         r = await client.post(server.url + "/six", content=b"{}", headers={"Idempotency-Key": "k1"})
         assert r.content == b"answered on a new connection: POST /six HTTP/1.1" and server.connections == 5
-        assert server_side.dropped == [b"GET /two HTTP/1.1", b"PUT /three HTTP/1.1", b"POST /four HTTP/1.1",
-                                       b"POST /six HTTP/1.1"]
+        assert server_side.dropped == [
+            b"GET /two HTTP/1.1",
+            b"PUT /three HTTP/1.1",
+            b"POST /four HTTP/1.1",
+            b"POST /six HTTP/1.1",
+        ]
 
 
 async def test_no_resend_once_the_server_started_answering_or_on_a_fresh_connection() -> None:
@@ -134,8 +137,13 @@ class ResettingServer:
                 return None
             data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
-        length = int(next(v for k, v in (h.split(b":", 1) for h in head.split(b"\r\n")[1:])
-                          if k.strip().lower() == b"content-length"))
+        length = int(
+            next(
+                v
+                for k, v in (h.split(b":", 1) for h in head.split(b"\r\n")[1:])
+                if k.strip().lower() == b"content-length"
+            )
+        )
         while len(body) < length:
             body += conn.recv(65536)
         return body
@@ -166,7 +174,8 @@ class ResettingServer:
 
 
 async def test_a_request_that_could_not_be_written_is_resent_whatever_its_method(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     decided: list[tuple[bool, bool]] = []
     real = fast_transport._resendable
 
@@ -183,6 +192,7 @@ async def test_a_request_that_could_not_be_written_is_resent_whatever_its_method
             # Blocking on purpose: the event loop must not run (and learn of the reset) before the next write.
             assert server.was_reset.wait(10)
             (pooled,) = transport._idle[("127.0.0.1", int(server.url.rsplit(":", 1)[1]))]
+            assert pooled.transport is not None
             readable, _, _ = select.select([pooled.transport.get_extra_info("socket")], [], [], 10)
             assert readable, "the reset never reached the client's socket"
             r = await client.post(server.url, content=b"two")  # POST: resent only because it never left
@@ -239,16 +249,16 @@ def _content_renamed(monkeypatch: pytest.MonkeyPatch) -> None:
     def content(self: httpx.Response) -> bytes:
         if not hasattr(self, "_body"):
             raise httpx.ResponseNotRead()
-        return self._body  # type: ignore[attr-defined, no-any-return]
+        return self._body
 
     async def aread(self: httpx.Response) -> bytes:
         if not hasattr(self, "_body"):
-            self._body = b"".join([part async for part in self.aiter_bytes()])  # type: ignore[attr-defined]
-        return self._body  # type: ignore[attr-defined, no-any-return]
+            self._body = b"".join([part async for part in self.aiter_bytes()])  # type: ignore[attr-defined]  # a new attribute
+        return self._body  # type: ignore[attr-defined]  # set just above when it was not there
 
     async def aiter_bytes(self: httpx.Response, chunk_size: int | None = None) -> Any:
         if hasattr(self, "_body"):
-            yield self._body  # type: ignore[attr-defined]
+            yield self._body
             return
         async for part in self.aiter_raw():
             yield part
@@ -272,13 +282,15 @@ def _timeouts_set_at_send(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _raw_headers_as_str(monkeypatch: pytest.MonkeyPatch) -> None:
     """``Headers.raw`` yields str pairs."""
-    monkeypatch.setattr(httpx.Headers, "raw", property(lambda self: [(k.decode(), v.decode())
-                                                                     for k, _, v in self._list]))
+    monkeypatch.setattr(
+        httpx.Headers, "raw", property(lambda self: [(k.decode(), v.decode()) for k, _, v in self._list])
+    )
 
 
 @pytest.mark.parametrize("change", [_content_renamed, _timeouts_set_at_send, _raw_headers_as_str])
 def test_a_changed_httpx_internal_falls_back_to_httpx_transport_with_one_warning(
-        monkeypatch: pytest.MonkeyPatch, fresh_check: None, change: Any) -> None:
+    monkeypatch: pytest.MonkeyPatch, fresh_check: None, change: Any
+) -> None:
     assert fast_check.check_internals() is None and FastTransport.supported()
     assert isinstance(make_transport(httpx.Limits()), FastTransport)
     fast_check.check_internals.cache_clear()

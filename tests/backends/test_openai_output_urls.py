@@ -21,31 +21,35 @@ from tests.servers import post_generation, serve_app, serve_gateway
 METADATA = "http://169.254.169.254/latest/meta-data/iam/security-credentials/role"
 
 
-@pytest.mark.parametrize(("url", "allowed", "passable"), [
-    ("https://images.example.com/a.png", ("images.example.com",), True),
-    ("https://cdn.example.com/a.png", ("*.example.com",), True),
-    ("https://8.8.8.8/a.png", ("8.8.8.8",), True),  # a public address literal, allow-listed
-    ("https://evil.example.net/a.png", ("images.example.com",), False),  # not allow-listed
-    (METADATA, ("images.example.com",), False),
-    (METADATA, ("169.254.169.254",), False),  # link-local: never handed out, even when allow-listed
-    ("http://127.0.0.1:8080/a.png", ("127.0.0.1:8080",), False),  # loopback
-    ("http://10.1.2.3/a.png", ("10.1.2.3",), False),  # private
-    ("http://[::1]/a.png", ("::1",), False),
-    ("http://[fe80::1]/a.png", ("fe80::1",), False),
-    ("http://2130706433/a.png", ("2130706433",), False),  # 127.0.0.1 spelled as one number
-    ("http://0x7f.1/a.png", ("0x7f.1",), False),
-    ("https://user:pw@images.example.com/a.png", ("images.example.com",), False),  # userinfo
-    ("ftp://images.example.com/a.png", ("images.example.com",), False),
-    ("data:image/png;base64,iVBORw0KGgo=", ("images.example.com",), False),
-])
+@pytest.mark.parametrize(
+    ("url", "allowed", "passable"),
+    [
+        ("https://images.example.com/a.png", ("images.example.com",), True),
+        ("https://cdn.example.com/a.png", ("*.example.com",), True),
+        ("https://8.8.8.8/a.png", ("8.8.8.8",), True),  # a public address literal, allow-listed
+        ("https://evil.example.net/a.png", ("images.example.com",), False),  # not allow-listed
+        (METADATA, ("images.example.com",), False),
+        (METADATA, ("169.254.169.254",), False),  # link-local: never handed out, even when allow-listed
+        ("http://127.0.0.1:8080/a.png", ("127.0.0.1:8080",), False),  # loopback
+        ("http://10.1.2.3/a.png", ("10.1.2.3",), False),  # private
+        ("http://[::1]/a.png", ("::1",), False),
+        ("http://[fe80::1]/a.png", ("fe80::1",), False),
+        ("http://2130706433/a.png", ("2130706433",), False),  # 127.0.0.1 spelled as one number
+        ("http://0x7f.1/a.png", ("0x7f.1",), False),
+        ("https://user:pw@images.example.com/a.png", ("images.example.com",), False),  # userinfo
+        ("ftp://images.example.com/a.png", ("images.example.com",), False),
+        ("data:image/png;base64,iVBORw0KGgo=", ("images.example.com",), False),
+    ],
+)
 def test_passable_link(url: str, allowed: tuple[str, ...], passable: bool) -> None:
     assert passable_link(url, allowed) is passable
 
 
 def backend(base: str, allowed: list[str]) -> OpenAIBackend:
     settings = build(Settings, {"base_url": f"{base}/v1", "allowed_output_hosts": allowed})
-    return OpenAIBackend(BackendSpec(name="up", type="openai", settings=settings,
-                                     timeouts=Timeouts(connect=2, read=5, total=10)))
+    return OpenAIBackend(
+        BackendSpec(name="up", type="openai", settings=settings, timeouts=Timeouts(connect=2, read=5, total=10))
+    )
 
 
 async def test_url_mode_checks_the_upstream_link() -> None:
@@ -58,7 +62,7 @@ async def test_url_mode_checks_the_upstream_link() -> None:
             url_mode = ImageRequest(prompt="p", response_format="url")
             # A metadata-service link is refused, not handed to the client.
             stub.script = [f"url:{METADATA}"]
-            with pytest.raises(OutputNotAllowed, match="169.254.169.254"):
+            with pytest.raises(OutputNotAllowed, match=r"169\.254\.169\.254"):
                 await b.generate(url_mode, StageClock())
             # An allow-listed public host goes through as it is (nothing is fetched).
             stub.script = ["url:https://images.example.com/out/a.png"]
@@ -75,7 +79,8 @@ async def test_url_mode_checks_the_upstream_link() -> None:
 def test_gateway_falls_back_when_the_upstream_links_to_the_metadata_service() -> None:
     bad, good = OpenAIStub(), OpenAIStub()
     with serve_app(bad) as bad_url, serve_app(good) as good_url:
-        config = load_config_text(f"""
+        config = load_config_text(
+            f"""
 server: {{max_retries: 0, cooldown_failures: 0, public_url: "http://gateway.test"}}
 backends:
   bad: {{type: openai, settings: {{base_url: "{bad_url}/v1"}}}}
@@ -83,7 +88,9 @@ backends:
 routes:
   - name: main
     candidates: [{{backend: bad}}, {{backend: good}}]
-""", "links.yaml")
+""",
+            "links.yaml",
+        )
         bad.script = [f"url:{METADATA}"]
         with serve_gateway(config) as gateway:
             response = post_generation(gateway, {"prompt": "a cat", "response_format": "url"})

@@ -55,11 +55,18 @@ def _openai(output_url: str, allowed: str) -> Iterator[Case]:
     stub = OpenAIStub()
     stub.script = [f"url:{output_url}"] * FETCHES
     with serve_app(stub) as api:
-        yield Case({"base_url": f"{api}/v1", "api_key": "${OC_OPENAI_KEY}",
-                    "extra_headers": {"x-upstream-auth": "${OC_OPENAI_HEADER}"},
-                    "allowed_output_hosts": [allowed]},
-                   lambda: stub.headers_seen[0].get("authorization") == f"Bearer {ENV['OC_OPENAI_KEY']}"
-                   and stub.headers_seen[0].get("x-upstream-auth") == ENV["OC_OPENAI_HEADER"])
+        yield Case(
+            {
+                "base_url": f"{api}/v1",
+                "api_key": "${OC_OPENAI_KEY}",
+                "extra_headers": {"x-upstream-auth": "${OC_OPENAI_HEADER}"},
+                "allowed_output_hosts": [allowed],
+            },
+            lambda: (
+                stub.headers_seen[0].get("authorization") == f"Bearer {ENV['OC_OPENAI_KEY']}"
+                and stub.headers_seen[0].get("x-upstream-auth") == ENV["OC_OPENAI_HEADER"]
+            ),
+        )
 
 
 def _replicate(output_url: str, allowed: str) -> Iterator[Case]:
@@ -67,27 +74,44 @@ def _replicate(output_url: str, allowed: str) -> Iterator[Case]:
     base = output_url.rsplit("/", 1)[0]
     fake.plan(*[Scenario(output_base=base) for _ in range(FETCHES)])
     with fake.serve() as api:
-        yield Case({"api_token": "${OC_REPLICATE_TOKEN}", "base_url": api, "model": "black-forest-labs/flux-schnell",
-                    "family": "flux_schnell", "poll_interval": 0.02, "allowed_output_hosts": [allowed]},
-                   lambda: len(fake.creates()) == FETCHES)
+        yield Case(
+            {
+                "api_token": "${OC_REPLICATE_TOKEN}",
+                "base_url": api,
+                "model": "black-forest-labs/flux-schnell",
+                "family": "flux_schnell",
+                "poll_interval": 0.02,
+                "allowed_output_hosts": [allowed],
+            },
+            lambda: len(fake.creates()) == FETCHES,
+        )
 
 
 def _cog(output_url: str, allowed: str) -> Iterator[Case]:
     fake = CogFake()
     fake.outputs = [output_url]  # as a container started with --upload-url answers
     with serve_app(fake) as api:
-        yield Case({"base_url": api, "api_token": "${OC_COG_TOKEN}", "allowed_output_hosts": [allowed],
-                    "health_interval": 60},
-                   lambda: any(h.get("authorization") == f"Bearer {ENV['OC_COG_TOKEN']}" for h in fake.headers_seen))
+        yield Case(
+            {"base_url": api, "api_token": "${OC_COG_TOKEN}", "allowed_output_hosts": [allowed], "health_interval": 60},
+            lambda: any(h.get("authorization") == f"Bearer {ENV['OC_COG_TOKEN']}" for h in fake.headers_seen),
+        )
 
 
 def _fal(output_url: str, allowed: str) -> Iterator[Case]:
     fake = FalFake(key=ENV["OC_FAL_KEY"])  # answers 401 to any other key
     with fake.serve():
         fake.reset(output_base=output_url.rsplit("/", 1)[0])
-        yield Case({"key": "${OC_FAL_KEY}", "app": "fal-ai/fast-sdxl", "queue_base_url": fake.queue_url,
-                    "run_base_url": fake.run_url, "poll_interval": 0.01, "allowed_output_hosts": [allowed]},
-                   lambda: len(fake.jobs) == FETCHES)
+        yield Case(
+            {
+                "key": "${OC_FAL_KEY}",
+                "app": "fal-ai/fast-sdxl",
+                "queue_base_url": fake.queue_url,
+                "run_base_url": fake.run_url,
+                "poll_interval": 0.01,
+                "allowed_output_hosts": [allowed],
+            },
+            lambda: len(fake.jobs) == FETCHES,
+        )
 
 
 CASES: dict[str, Callable[[str, str], Iterator[Case]] | str] = {
@@ -102,10 +126,12 @@ CASES: dict[str, Callable[[str, str], Iterator[Case]] | str] = {
 
 
 def _config(type_name: str, settings: dict[str, Any]):
-    yaml = (f"backends:\n  under_test:\n    type: {type_name}\n"
-            f"    timeouts: {{connect: 2, read: 10, total: 20}}\n"
-            f"    settings: {orjson.dumps(settings).decode()}\n"
-            "routes:\n  - name: main\n    candidates: [{backend: under_test}]\n")
+    yaml = (
+        f"backends:\n  under_test:\n    type: {type_name}\n"
+        f"    timeouts: {{connect: 2, read: 10, total: 20}}\n"
+        f"    settings: {orjson.dumps(settings).decode()}\n"
+        "routes:\n  - name: main\n    candidates: [{backend: under_test}]\n"
+    )
     return with_env(lambda: load_config_text(yaml, f"{type_name}-credentials.yaml"), ENV)
 
 
@@ -125,8 +151,9 @@ async def test_no_credential_reaches_the_output_host(type_name: str) -> None:
             await backend.start()
             try:
                 for _ in range(FETCHES):
-                    result = await backend.generate(ImageRequest(prompt="a red fox", width=512, height=512),
-                                                    StageClock())
+                    result = await backend.generate(
+                        ImageRequest(prompt="a red fox", width=512, height=512), StageClock()
+                    )
                     assert result.images and result.images[0].as_bytes() == host.image
             finally:
                 await backend.aclose()
@@ -135,8 +162,9 @@ async def test_no_credential_reaches_the_output_host(type_name: str) -> None:
     seen = host.header_text()
     leaked = [name for name, value in ENV.items() if value in seen]
     assert not leaked, f"{type_name} sent {leaked} to the output host:\n{seen}"
-    assert not any(k in ("cookie", "authorization", "proxy-authorization") for r in host.requests
-                   for k, _ in r.headers), seen
+    assert not any(
+        k in ("cookie", "authorization", "proxy-authorization") for r in host.requests for k, _ in r.headers
+    ), seen
 
 
 # -- the fetcher itself ----------------------------------------------------------------------------------
@@ -150,7 +178,8 @@ async def test_fetch_output_takes_the_fetcher_only() -> None:
     png = "data:image/png;base64," + base64.b64encode(OutputHost().image).decode()
     async with httpx.AsyncClient(headers={"authorization": "Bearer api-key-0123456789"}) as api_client:
         with pytest.raises(TypeError, match="OutputFetcher"):
-            await fetch_output(api_client, png, StageClock(), backend="b", allowed_hosts=())  # type: ignore[arg-type]
+            # The API client where the fetcher belongs: refused.
+            await fetch_output(api_client, png, StageClock(), backend="b", allowed_hosts=())  # type: ignore[arg-type]  # see above
 
 
 async def test_output_urls_with_userinfo_and_redirects_are_not_followed() -> None:
@@ -161,8 +190,9 @@ async def test_output_urls_with_userinfo_and_redirects_are_not_followed() -> Non
         try:
             # httpx would turn userinfo into an Authorization header: refused before anything is sent.
             with pytest.raises(OutputNotAllowed, match="user info"):
-                await fetch_output(fetcher, f"http://u:pw@{hostport}/a.png", StageClock(), backend="b",
-                                   allowed_hosts=(hostport,))
+                await fetch_output(
+                    fetcher, f"http://u:pw@{hostport}/a.png", StageClock(), backend="b", allowed_hosts=(hostport,)
+                )
             assert host.requests == []
             host.status = 302
             with pytest.raises(OutputFetchError, match="HTTP 302"):

@@ -41,8 +41,9 @@ class _Backend(RemoteBackend[_Settings]):
     Settings = _Settings
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(BackendSpec(name="b", type="kind", settings=_Settings(), timeouts=Timeouts(2, 5, 10)),
-                         **kwargs)
+        super().__init__(
+            BackendSpec(name="b", type="kind", settings=_Settings(), timeouts=Timeouts(2, 5, 10)), **kwargs
+        )
         self.up = True
 
     async def probe(self) -> bool:
@@ -63,8 +64,12 @@ async def _until(condition: Callable[[], bool]) -> None:
 async def test_the_api_client_holds_no_credential_each_api_request_carries_it() -> None:
     host = OutputHost()  # records every header as received, repeats kept
     with serve_app(host) as base:
-        backend = _Backend(base_url=base, key="sk-remote-key-1234", secret_headers={"X-Tenant": "tenant-secret-99"},
-                           urls=("http://user:pw-in-url@other.example",))
+        backend = _Backend(
+            base_url=base,
+            key="sk-remote-key-1234",
+            secret_headers={"X-Tenant": "tenant-secret-99"},
+            urls=("http://user:pw-in-url@other.example",),
+        )
         await backend.start()
         try:
             assert not {"authorization", "x-tenant"} & set(backend.client.headers)
@@ -74,8 +79,10 @@ async def test_the_api_client_holds_no_credential_each_api_request_carries_it() 
             await backend.aclose()
     sent = [sorted((k, v) for k, v in r.headers if k in ("authorization", "x-tenant")) for r in host.requests]
     # A request's own header replaces the configured one of the same name, never doubles it.
-    assert sent == [[("authorization", "Bearer sk-remote-key-1234"), ("x-tenant", "tenant-secret-99")],
-                    [("authorization", "Bearer sk-remote-key-1234"), ("x-tenant", "per-request")]]
+    assert sent == [
+        [("authorization", "Bearer sk-remote-key-1234"), ("x-tenant", "tenant-secret-99")],
+        [("authorization", "Bearer sk-remote-key-1234"), ("x-tenant", "per-request")],
+    ]
     assert set(backend.secrets) >= {"sk-remote-key-1234", "tenant-secret-99", "pw-in-url"}
 
 
@@ -125,13 +132,11 @@ async def test_without_probing_a_started_backend_stays_ready() -> None:
 
 def test_usage_sums_what_the_calls_report() -> None:
     request = ImageRequest(prompt="p", width=1000, height=500, steps=20)
-    assert usage(request, 3, predict=[1.5, None, 2.0]) == \
-        usage(request, 3, predict=[3.5]) != usage(request, 3)
+    assert usage(request, 3, predict=[1.5, None, 2.0]) == usage(request, 3, predict=[3.5]) != usage(request, 3)
     summed = usage(request, 3, predict=[1.5, None, 2.0])
     assert (summed.images, summed.megapixels, summed.steps, summed.predict_seconds) == (3, 1.5, 20, 3.5)
     assert usage(request, 2, predict=[None], megapixels=0.25).predict_seconds is None
     assert usage(request, 2, megapixels=0.25).megapixels == 0.25
-
 
 
 # -- seeded_batches ------------------------------------------------------------------------------------
@@ -159,13 +164,15 @@ def _call(wait: float, stages: dict[str, float], result: object):
         for name, seconds in stages.items():
             clock.stage(name, seconds)
         return result
+
     return call
 
 
 async def test_parallel_calls_charge_the_longest_wait_and_stage() -> None:
     clock = StageClock()
-    results = await fan_out([_call(1.0, {"remote_predict": 2.0, "remote_queue": 0.5}, "a"),
-                             _call(3.0, {"remote_predict": 1.0}, "b")], clock)
+    results = await fan_out(
+        [_call(1.0, {"remote_predict": 2.0, "remote_queue": 0.5}, "a"), _call(3.0, {"remote_predict": 1.0}, "b")], clock
+    )
     assert results == ["a", "b"]
     assert clock.backend_s == 3.0
     assert clock.stages == {"remote_predict": 2.0, "remote_queue": 0.5}
@@ -173,8 +180,9 @@ async def test_parallel_calls_charge_the_longest_wait_and_stage() -> None:
 
 async def test_sequential_calls_add_up() -> None:
     clock = StageClock()
-    results = await fan_out([_call(1.0, {"remote_predict": 2.0}, 1), _call(3.0, {"remote_predict": 1.0}, 2)],
-                            clock, parallel=False)
+    results = await fan_out(
+        [_call(1.0, {"remote_predict": 2.0}, 1), _call(3.0, {"remote_predict": 1.0}, 2)], clock, parallel=False
+    )
     assert results == [1, 2]
     assert clock.backend_s == 4.0 and clock.stages == {"remote_predict": 3.0}
 
@@ -190,6 +198,7 @@ async def test_calls_run_side_by_side() -> None:
                 both.set()
             await asyncio.wait_for(both.wait(), 2)  # deadlocks (times out) if run one after another
             return i
+
         return run
 
     assert await fan_out([call(0), call(1)], StageClock()) == [0, 1]
@@ -233,6 +242,7 @@ async def test_caller_cancellation_cancels_every_call() -> None:
             except asyncio.CancelledError:
                 cancelled.append(i)
                 raise
+
         return run
 
     task = asyncio.create_task(fan_out([call(0), call(1)], StageClock()))
@@ -258,16 +268,19 @@ async def test_a_single_call_runs_inline_and_its_error_propagates() -> None:
 # -- same_origin ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("https://queue.fal.run/a/b/requests/1/status", True),
-    ("https://QUEUE.fal.run:443/x", True),           # host case and the default port fold
-    ("http://queue.fal.run/x", False),               # another scheme
-    ("https://queue.fal.run:8443/x", False),         # another port
-    ("https://queue.fal.run.evil.example/x", False),
-    ("https://evil.example/?u=https://queue.fal.run", False),
-    ("/relative/path", False),
-    ("https://[::1/x", False),                       # unparseable
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://queue.fal.run/a/b/requests/1/status", True),
+        ("https://QUEUE.fal.run:443/x", True),  # host case and the default port fold
+        ("http://queue.fal.run/x", False),  # another scheme
+        ("https://queue.fal.run:8443/x", False),  # another port
+        ("https://queue.fal.run.evil.example/x", False),
+        ("https://evil.example/?u=https://queue.fal.run", False),
+        ("/relative/path", False),
+        ("https://[::1/x", False),  # unparseable
+    ],
+)
 def test_same_origin(url: str, expected: bool) -> None:
     assert same_origin(url, "https://queue.fal.run") is expected
 

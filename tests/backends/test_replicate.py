@@ -42,42 +42,90 @@ from tests.servers import post_generation as _post
 # -- pure: request → input ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("size", "ratios", "expected"), [
-    ((1024, 1024), FLUX_ASPECT_RATIOS, "1:1"),
-    ((1344, 768), FLUX_ASPECT_RATIOS, "16:9"),
-    ((768, 1344), FLUX_ASPECT_RATIOS, "9:16"),
-    ((1536, 640), FLUX_ASPECT_RATIOS, "21:9"),
-    ((1216, 832), FLUX_ASPECT_RATIOS, "3:2"),
-    ((832, 1216), FLUX_ASPECT_RATIOS, "2:3"),
-    ((1024, 768), FLUX_ASPECT_RATIOS, "4:3"),
-    ((1152, 896), FLUX_ASPECT_RATIOS, "5:4"),  # 1.29: nearer 5:4 (1.25) than 4:3 (1.33)
-    ((1024, 1280), FLUX_ASPECT_RATIOS, "4:5"),
-    ((2048, 512), FLUX_ASPECT_RATIOS, "21:9"),  # wider than anything: the widest
-    ((1536, 640), FLUX_PRO_ASPECT_RATIOS, "16:9"),  # pro has no 21:9
-    ((1792, 1024), FLUX_ASPECT_RATIOS, "16:9"),  # DALL-E 3's wide size
-    ((1024, 1536), FLUX_ASPECT_RATIOS, "2:3"),  # gpt-image-1's portrait size
-])
+@pytest.mark.parametrize(
+    ("size", "ratios", "expected"),
+    [
+        ((1024, 1024), FLUX_ASPECT_RATIOS, "1:1"),
+        ((1344, 768), FLUX_ASPECT_RATIOS, "16:9"),
+        ((768, 1344), FLUX_ASPECT_RATIOS, "9:16"),
+        ((1536, 640), FLUX_ASPECT_RATIOS, "21:9"),
+        ((1216, 832), FLUX_ASPECT_RATIOS, "3:2"),
+        ((832, 1216), FLUX_ASPECT_RATIOS, "2:3"),
+        ((1024, 768), FLUX_ASPECT_RATIOS, "4:3"),
+        ((1152, 896), FLUX_ASPECT_RATIOS, "5:4"),  # 1.29: nearer 5:4 (1.25) than 4:3 (1.33)
+        ((1024, 1280), FLUX_ASPECT_RATIOS, "4:5"),
+        ((2048, 512), FLUX_ASPECT_RATIOS, "21:9"),  # wider than anything: the widest
+        ((1536, 640), FLUX_PRO_ASPECT_RATIOS, "16:9"),  # pro has no 21:9
+        ((1792, 1024), FLUX_ASPECT_RATIOS, "16:9"),  # DALL-E 3's wide size
+        ((1024, 1536), FLUX_ASPECT_RATIOS, "2:3"),  # gpt-image-1's portrait size
+    ],
+)
 def test_nearest_aspect_ratio(size, ratios, expected):
-    assert nearest_aspect_ratio(*size, ratios) == expected
+    width, height = size
+    assert nearest_aspect_ratio(width, height, ratios) == expected
 
 
 def req(**kw: Any) -> ImageRequest:
     return ImageRequest(**{"prompt": "a red fox", **kw})
 
 
-FULL = {"n": 2, "width": 1344, "height": 768, "negative_prompt": "blurry", "steps": 4, "guidance_scale": 3.5,
-        "seed": 7, "output_format": "jpeg", "output_compression": 20}
+FULL = {
+    "n": 2,
+    "width": 1344,
+    "height": 768,
+    "negative_prompt": "blurry",
+    "steps": 4,
+    "guidance_scale": 3.5,
+    "seed": 7,
+    "output_format": "jpeg",
+    "output_compression": 20,
+}
 
 
-@pytest.mark.parametrize(("family", "expected"), [
-    ("sdxl", {"prompt": "a red fox", "width": 1344, "height": 768, "num_outputs": 2, "negative_prompt": "blurry",
-              "num_inference_steps": 4, "guidance_scale": 3.5, "seed": 7}),
-    ("flux_schnell", {"prompt": "a red fox", "aspect_ratio": "16:9", "megapixels": "1", "num_outputs": 2,
-                      "num_inference_steps": 4, "seed": 7, "output_format": "jpg"}),
-    ("flux_dev", {"prompt": "a red fox", "aspect_ratio": "16:9", "megapixels": "1", "num_outputs": 2,
-                  "num_inference_steps": 4, "guidance": 3.5, "seed": 7, "output_format": "jpg"}),
-    ("custom", {"prompt": "a red fox"}),
-])
+@pytest.mark.parametrize(
+    ("family", "expected"),
+    [
+        (
+            "sdxl",
+            {
+                "prompt": "a red fox",
+                "width": 1344,
+                "height": 768,
+                "num_outputs": 2,
+                "negative_prompt": "blurry",
+                "num_inference_steps": 4,
+                "guidance_scale": 3.5,
+                "seed": 7,
+            },
+        ),
+        (
+            "flux_schnell",
+            {
+                "prompt": "a red fox",
+                "aspect_ratio": "16:9",
+                "megapixels": "1",
+                "num_outputs": 2,
+                "num_inference_steps": 4,
+                "seed": 7,
+                "output_format": "jpg",
+            },
+        ),
+        (
+            "flux_dev",
+            {
+                "prompt": "a red fox",
+                "aspect_ratio": "16:9",
+                "megapixels": "1",
+                "num_outputs": 2,
+                "num_inference_steps": 4,
+                "guidance": 3.5,
+                "seed": 7,
+                "output_format": "jpg",
+            },
+        ),
+        ("custom", {"prompt": "a red fox"}),
+    ],
+)
 def test_to_input_per_family(family, expected):
     mapping = resolve_mapping(family, {}, {})
     assert to_input(req(**{**FULL, "n": 2 if family != "custom" else 1}), mapping) == expected
@@ -86,23 +134,25 @@ def test_to_input_per_family(family, expected):
 def test_output_compression_is_left_to_the_gateway():
     # The dispatcher asks a backend for a format and applies the client's compression itself (the requests a
     # backend gets carry none): no input is fed from it (FULL above sets one), and no setting claims to.
-    with pytest.raises(SettingsError, match="input.quality_field: unknown key"):
+    with pytest.raises(SettingsError, match=r"input\.quality_field: unknown key"):
         resolve_mapping("flux_schnell", {"quality_field": "output_quality"}, {})
 
 
 def test_flux_pro_makes_one_image_per_prediction_with_distinct_seeds():
     mapping = resolve_mapping("flux_pro", {}, {})
     inputs = to_inputs(req(n=3, width=1024, height=1024, seed=100, output_format="webp"), mapping)
-    assert inputs == [{"prompt": "a red fox", "aspect_ratio": "1:1", "seed": s, "output_format": "webp"}
-                      for s in (100, 101, 102)]
+    assert inputs == [
+        {"prompt": "a red fox", "aspect_ratio": "1:1", "seed": s, "output_format": "webp"} for s in (100, 101, 102)
+    ]
 
 
 def test_n_beyond_max_outputs_splits_into_calls():
     mapping = resolve_mapping("sdxl", {}, {})
     inputs = to_inputs(req(n=6, seed=10), mapping)
     assert [(i["num_outputs"], i["seed"]) for i in inputs] == [(4, 10), (2, 14)]
-    assert [i["num_outputs"] for i in to_inputs(req(n=3), resolve_mapping("sdxl", {"max_outputs_per_call": 1}, {}))] \
-        == [1, 1, 1]
+    assert [
+        i["num_outputs"] for i in to_inputs(req(n=3), resolve_mapping("sdxl", {"max_outputs_per_call": 1}, {}))
+    ] == [1, 1, 1]
 
 
 def test_small_sizes_ask_flux_for_a_quarter_megapixel():
@@ -112,13 +162,22 @@ def test_small_sizes_ask_flux_for_a_quarter_megapixel():
 
 
 def test_overrides_static_inputs_and_route_options():
-    mapping = resolve_mapping("sdxl", {"steps_field": None, "n_field": "num_images", "width_field": "w"},
-                              {"apply_watermark": False, "num_images": 9})
+    mapping = resolve_mapping(
+        "sdxl",
+        {"steps_field": None, "n_field": "num_images", "width_field": "w"},
+        {"apply_watermark": False, "num_images": 9},
+    )
     body = to_input(req(n=2, steps=30, options={"input": {"scheduler": "K_EULER"}}), mapping)
     # static first, the request's own values win over a static of the same name, route options last
-    assert body == {"apply_watermark": False, "num_images": 2, "prompt": "a red fox", "w": 1024, "height": 1024,
-                    "scheduler": "K_EULER"}
-    with pytest.raises(SettingsError, match="input.bogus"):
+    assert body == {
+        "apply_watermark": False,
+        "num_images": 2,
+        "prompt": "a red fox",
+        "w": 1024,
+        "height": 1024,
+        "scheduler": "K_EULER",
+    }
+    with pytest.raises(SettingsError, match=r"input\.bogus"):
         resolve_mapping("sdxl", {"bogus": 1}, {})
     with pytest.raises(SettingsError, match="W:H"):
         resolve_mapping("flux_schnell", {"aspect_ratios": ["square"]}, {})
@@ -133,12 +192,18 @@ def test_png_only_model_gets_no_format_field():
 
 
 def test_from_prediction_succeeded_with_timings():
-    p = from_prediction({
-        "id": "abc", "status": "succeeded", "output": ["https://replicate.delivery/x/out-0.webp"],
-        "created_at": "2024-09-30T16:13:41.614282Z", "started_at": "2024-09-30T16:13:43.114282Z",
-        "completed_at": "2024-09-30T16:13:44Z", "metrics": {"predict_time": 0.87, "total_time": 2.4},
-        "urls": {"get": "https://api.replicate.com/v1/predictions/abc", "cancel": 5},
-    })
+    p = from_prediction(
+        {
+            "id": "abc",
+            "status": "succeeded",
+            "output": ["https://replicate.delivery/x/out-0.webp"],
+            "created_at": "2024-09-30T16:13:41.614282Z",
+            "started_at": "2024-09-30T16:13:43.114282Z",
+            "completed_at": "2024-09-30T16:13:44Z",
+            "metrics": {"predict_time": 0.87, "total_time": 2.4},
+            "urls": {"get": "https://api.replicate.com/v1/predictions/abc", "cancel": 5},
+        }
+    )
     assert p.terminal and p.id == "abc" and p.outputs == ("https://replicate.delivery/x/out-0.webp",)
     assert p.timings["remote_predict"] == 0.87
     assert p.timings["remote_queue"] == pytest.approx(1.5)
@@ -149,26 +214,35 @@ def test_from_prediction_shapes():
     single = from_prediction({"id": "a", "status": "succeeded", "output": "data:image/png;base64,AAAA"})
     assert single.outputs == ("data:image/png;base64,AAAA",) and dict(single.timings) == {}
     # cog writes nanosecond timestamps with an offset
-    cog = from_prediction({"status": "processing", "created_at": "2026-01-01T00:00:00.000000001+00:00",
-                           "started_at": "2026-01-01T00:00:00.250000999+00:00"})
+    cog = from_prediction(
+        {
+            "status": "processing",
+            "created_at": "2026-01-01T00:00:00.000000001+00:00",
+            "started_at": "2026-01-01T00:00:00.250000999+00:00",
+        }
+    )
     assert cog.id is None and not cog.terminal and cog.timings["remote_queue"] == pytest.approx(0.25)
     failed = from_prediction({"id": "a", "status": "failed", "error": "boom", "output": None})
     assert failed.error == "boom" and failed.outputs == ()
+    bad: object
     for bad in ([], {"status": "finished"}, {"status": "succeeded", "output": {"images": 1}}):
         with pytest.raises(BackendProtocolError):
             from_prediction(bad)
 
 
-@pytest.mark.parametrize(("error", "expected"), [
-    ("NSFW content detected. Try running it again, or try a different prompt.", BackendRejected),
-    ("ValueError: prompt is too long", BackendRejected),
-    ("Error: The input or output was flagged as sensitive. (E005)", BackendRejected),
-    ("CUDA out of memory. Tried to allocate 2.00 GiB", BackendFailed),
-    ("Prediction interrupted; please retry (code: PA)", BackendFailed),
-    ("Director: unexpected error handling prediction (E8765)", BackendFailed),
-    ("Prediction timed out", BackendFailed),
-    (None, BackendFailed),
-])
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        ("NSFW content detected. Try running it again, or try a different prompt.", BackendRejected),
+        ("ValueError: prompt is too long", BackendRejected),
+        ("Error: The input or output was flagged as sensitive. (E005)", BackendRejected),
+        ("CUDA out of memory. Tried to allocate 2.00 GiB", BackendFailed),
+        ("Prediction interrupted; please retry (code: PA)", BackendFailed),
+        ("Director: unexpected error handling prediction (E8765)", BackendFailed),
+        ("Prediction timed out", BackendFailed),
+        (None, BackendFailed),
+    ],
+)
 def test_classify_failure(error, expected):
     assert classify_failure(error) is expected
 
@@ -209,11 +283,20 @@ def fake(served: FakeReplicate) -> FakeReplicate:
 
 
 def make(fake: FakeReplicate, **settings: Any) -> ReplicateBackend:
-    raw = {"api_token": TOKEN, "base_url": fake.base_url, "model": "black-forest-labs/flux-schnell",
-           "family": "flux_schnell", "poll_interval": 0.05, "prefer_wait": 5, "cancel_timeout": 2.0,
-           "allowed_output_hosts": [urlsplit(fake.base_url).netloc], **settings}
-    spec = BackendSpec(name="rep", type="replicate", settings=build(Settings, raw),
-                       timeouts=Timeouts(connect=2, read=10, total=20))
+    raw = {
+        "api_token": TOKEN,
+        "base_url": fake.base_url,
+        "model": "black-forest-labs/flux-schnell",
+        "family": "flux_schnell",
+        "poll_interval": 0.05,
+        "prefer_wait": 5,
+        "cancel_timeout": 2.0,
+        "allowed_output_hosts": [urlsplit(fake.base_url).netloc],
+        **settings,
+    }
+    spec = BackendSpec(
+        name="rep", type="replicate", settings=build(Settings, raw), timeouts=Timeouts(connect=2, read=10, total=20)
+    )
     return ReplicateBackend(spec)
 
 
@@ -235,16 +318,25 @@ async def until(condition, timeout: float = 5.0) -> None:
 
 async def test_success_official_model(fake, backend):
     clock = StageClock()
-    result = await backend.generate(req(n=2, width=1344, height=768, seed=1, output_format="jpeg",
-                                        deadline=time.monotonic() + 30), clock)
+    result = await backend.generate(
+        req(n=2, width=1344, height=768, seed=1, output_format="jpeg", deadline=time.monotonic() + 30), clock
+    )
     assert [i.format for i in result.images] == ["jpeg", "jpeg"]
     assert result.images[0].data[:3] == b"\xff\xd8\xff" and result.images[0].data != result.images[1].data
     assert result.usage.images == 2 and result.usage.predict_seconds is not None
     assert "remote_predict" in clock.stages and clock.backend_s > 0
     (create,) = fake.creates()
     assert create.path == "/v1/models/black-forest-labs/flux-schnell/predictions"
-    assert create.body == {"input": {"prompt": "a red fox", "aspect_ratio": "16:9", "megapixels": "1",
-                                     "num_outputs": 2, "seed": 1, "output_format": "jpg"}}
+    assert create.body == {
+        "input": {
+            "prompt": "a red fox",
+            "aspect_ratio": "16:9",
+            "megapixels": "1",
+            "num_outputs": 2,
+            "seed": 1,
+            "output_format": "jpg",
+        }
+    }
     assert create.headers["authorization"] == f"Bearer {TOKEN}"
     assert create.headers["prefer"] == "wait=5"
     assert create.headers["cancel-after"] in ("29s", "30s")
@@ -254,9 +346,13 @@ async def test_success_official_model(fake, backend):
 
 async def test_version_and_deployment(fake):
     sdxl = MODELS["stability-ai/sdxl"].version
-    for settings, path in [({"model": None, "version": sdxl, "family": "sdxl"}, "/v1/predictions"),
-                           ({"model": None, "deployment": "acme/sdxl-prod", "family": "sdxl"},
-                            "/v1/deployments/acme/sdxl-prod/predictions")]:
+    for settings, path in [
+        ({"model": None, "version": sdxl, "family": "sdxl"}, "/v1/predictions"),
+        (
+            {"model": None, "deployment": "acme/sdxl-prod", "family": "sdxl"},
+            "/v1/deployments/acme/sdxl-prod/predictions",
+        ),
+    ]:
         b = make(fake, **settings)
         await b.start()
         try:
@@ -321,8 +417,9 @@ async def test_poll_errors_are_retried(fake):
     b = make(fake, prefer_wait=1)
     await b.start()
     try:
-        fake.plan(Scenario(run_s=1.2, poll_status=502, poll_errors=2),
-                  Scenario(run_s=1.2, poll_status=429, poll_errors=2))
+        fake.plan(
+            Scenario(run_s=1.2, poll_status=502, poll_errors=2), Scenario(run_s=1.2, poll_status=429, poll_errors=2)
+        )
         for _ in range(2):
             result = await b.generate(req(), StageClock())
             assert len(result.images) == 1
@@ -331,20 +428,23 @@ async def test_poll_errors_are_retried(fake):
     assert sum(p.polls for p in fake.predictions.values()) >= 6
 
 
-@pytest.mark.parametrize(("scenario", "error", "check"), [
-    (Scenario(http_status=429, retry_after="2"), BackendOverloaded, lambda e: e.retry_after == 2.0),
-    (Scenario(http_status=503), BackendOverloaded, lambda e: e.retry_after is None),
-    (Scenario(http_status=500), BackendFailed, None),
-    (Scenario(outcome="failed", error="NSFW content detected. Try a different prompt."), BackendRejected, None),
-    (Scenario(outcome="failed", error="CUDA out of memory"), BackendFailed, None),
-    (Scenario(outcome="canceled"), BackendFailed, lambda e: "canceled upstream" in e.message),
-    (Scenario(outcome="aborted"), BackendTimeout, lambda e: "aborted" in e.message),
-    (Scenario(break_create="malformed"), BackendProtocolError, lambda e: "JSON" in e.message),
-    (Scenario(break_create="reset"), BackendProtocolError, lambda e: "connection broke" in e.message),
-    (Scenario(output="expired"), OutputFetchError, lambda e: "404" in e.message),
-    (Scenario(output="foreign"), OutputNotAllowed, lambda e: "localhost" in e.message),
-    (Scenario(output="garbage"), BackendProtocolError, None),
-])
+@pytest.mark.parametrize(
+    ("scenario", "error", "check"),
+    [
+        (Scenario(http_status=429, retry_after="2"), BackendOverloaded, lambda e: e.retry_after == 2.0),
+        (Scenario(http_status=503), BackendOverloaded, lambda e: e.retry_after is None),
+        (Scenario(http_status=500), BackendFailed, None),
+        (Scenario(outcome="failed", error="NSFW content detected. Try a different prompt."), BackendRejected, None),
+        (Scenario(outcome="failed", error="CUDA out of memory"), BackendFailed, None),
+        (Scenario(outcome="canceled"), BackendFailed, lambda e: "canceled upstream" in e.message),
+        (Scenario(outcome="aborted"), BackendTimeout, lambda e: "aborted" in e.message),
+        (Scenario(break_create="malformed"), BackendProtocolError, lambda e: "JSON" in e.message),
+        (Scenario(break_create="reset"), BackendProtocolError, lambda e: "connection broke" in e.message),
+        (Scenario(output="expired"), OutputFetchError, lambda e: "404" in e.message),
+        (Scenario(output="foreign"), OutputNotAllowed, lambda e: "localhost" in e.message),
+        (Scenario(output="garbage"), BackendProtocolError, None),
+    ],
+)
 async def test_failures_map_to_the_vocabulary(fake, backend, scenario, error, check):
     fake.plan(scenario)
     with pytest.raises(error) as info:
@@ -375,8 +475,10 @@ async def test_data_uri_outputs(fake, backend):
 
 
 async def test_no_secret_in_errors(fake, backend):
-    fake.plan(Scenario(http_status=500, detail=f"upstream broke; request had Authorization: Bearer {TOKEN}"),
-              Scenario(outcome="failed", error=f"ValueError: token {TOKEN} rejected"))
+    fake.plan(
+        Scenario(http_status=500, detail=f"upstream broke; request had Authorization: Bearer {TOKEN}"),
+        Scenario(outcome="failed", error=f"ValueError: token {TOKEN} rejected"),
+    )
     for _ in range(2):
         with pytest.raises((BackendFailed, BackendRejected)) as info:
             await backend.generate(req(), StageClock())
@@ -478,7 +580,8 @@ def gateway_config(fake: FakeReplicate) -> object:
 
     host = urlsplit(fake.base_url).netloc
     sdxl = MODELS["stability-ai/sdxl"].version
-    return load_config_text(f"""
+    return load_config_text(
+        f"""
 server: {{default_deadline_s: 20, max_retries: 1, retry_backoff_s: 0.01, cooldown_failures: 0}}
 backends:
   flux:
@@ -516,7 +619,9 @@ routes:
     strategy: fallback
     candidates: [{{backend: flux}}, {{backend: sdxl}}]
 default_tier: standard
-""", "replicate-test-routes.yaml")
+""",
+        "replicate-test-routes.yaml",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import pytest
 
 from tests.fakes.replicate_fake import MODELS, TOKEN, FakeReplicate, Scenario
 
-replicate = pytest.importorskip("replicate", reason="the official replicate client is not installed")
+pytest.importorskip("replicate", reason="the official replicate client is not installed")
+import replicate
 from replicate.exceptions import ModelError, ReplicateError
 from replicate.helpers import FileOutput
 
@@ -38,11 +39,10 @@ def client(fake: FakeReplicate) -> Iterator[replicate.Client]:
     c._client.close()  # the client has no close() of its own
 
 
-
-
 def test_official_model_create_with_wait_returns_terminal_prediction(fake, client):
     prediction = client.models.predictions.create(
-        model="black-forest-labs/flux-schnell", input={"prompt": "a fox", "num_outputs": 2, "aspect_ratio": "16:9"},
+        model="black-forest-labs/flux-schnell",
+        input={"prompt": "a fox", "num_outputs": 2, "aspect_ratio": "16:9"},
         wait=5,
     )
     assert prediction.status == "succeeded"
@@ -60,20 +60,23 @@ def test_official_model_create_with_wait_returns_terminal_prediction(fake, clien
 def test_run_reads_outputs_as_data_uris_and_from_delivery(fake, client):
     # Sync-mode data: URIs become FileOutput objects that decode in place.
     fake.plan(Scenario(output="data"))
-    outputs = client.run("black-forest-labs/flux-schnell",
-                         input={"prompt": "a fox", "output_format": "png", "megapixels": "0.25"})
+    outputs = client.run(
+        "black-forest-labs/flux-schnell", input={"prompt": "a fox", "output_format": "png", "megapixels": "0.25"}
+    )
     assert len(outputs) == 1 and isinstance(outputs[0], FileOutput)
     assert outputs[0].read()[:8] == b"\x89PNG\r\n\x1a\n"
     # Delivery URLs: the client wraps only https: URLs itself, so wrap the fake's http: URL the same way.
-    urls = client.run("black-forest-labs/flux-schnell", input={"prompt": "a fox", "output_format": "jpg"},
-                      use_file_output=False)
+    urls = client.run(
+        "black-forest-labs/flux-schnell", input={"prompt": "a fox", "output_format": "jpg"}, use_file_output=False
+    )
     assert urls[0].startswith(f"{fake.base_url}/delivery/")
     assert FileOutput(urls[0], client).read()[:3] == b"\xff\xd8\xff"
 
 
 def test_version_and_deployment_creates(fake, client):
-    by_version = client.predictions.create(version=SDXL_VERSION, input={"prompt": "x", "width": 256, "height": 128},
-                                           wait=True)
+    by_version = client.predictions.create(
+        version=SDXL_VERSION, input={"prompt": "x", "width": 256, "height": 128}, wait=True
+    )
     assert by_version.status == "succeeded" and by_version.version == SDXL_VERSION
     assert fake.creates()[-1].body == {"version": SDXL_VERSION, "input": {"prompt": "x", "width": 256, "height": 128}}
     by_deployment = client.deployments.predictions.create("acme/sdxl-prod", input={"prompt": "y"}, wait=True)
@@ -111,10 +114,11 @@ def test_failed_prediction_raises_model_error(fake, client):
 
 def test_errors_are_problem_details(fake, client):
     with pytest.raises(ReplicateError) as info:
-        client.models.predictions.create(model="black-forest-labs/flux-schnell",
-                                         input={"prompt": "x", "num_outputs": 9})
+        client.models.predictions.create(
+            model="black-forest-labs/flux-schnell", input={"prompt": "x", "num_outputs": 9}
+        )
     assert info.value.status == 422 and info.value.title == "Input validation failed"
-    assert "input.num_outputs" in info.value.detail
+    assert "input.num_outputs" in (info.value.detail or "")
     fake.plan(Scenario(http_status=429, retry_after="1"))
     with pytest.raises(ReplicateError) as info:
         client.models.predictions.create(model="stability-ai/sdxl", input={"prompt": "x"})

@@ -10,6 +10,7 @@ import gzip
 import io
 import struct
 import time
+from typing import Any
 
 import httpx
 import numpy as np
@@ -56,15 +57,28 @@ def request(**kw) -> ImageRequest:
     return ImageRequest(**kw)
 
 
-def v2_response(tensor: np.ndarray, datatype: str, *, binary: bool, name: str = "generated_image",
-                extra_first: np.ndarray | None = None) -> tuple[dict[str, str], bytes]:
+def v2_response(
+    tensor: np.ndarray,
+    datatype: str,
+    *,
+    binary: bool,
+    name: str = "generated_image",
+    extra_first: np.ndarray | None = None,
+) -> tuple[dict[str, str], bytes]:
     """A response as Triton writes it (optionally with another binary output listed first)."""
-    outputs, blobs = [], []
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
     if extra_first is not None:
-        outputs.append({"name": "other", "datatype": "FP32", "shape": list(extra_first.shape),
-                        "parameters": {"binary_data_size": extra_first.nbytes}})
+        outputs.append(
+            {
+                "name": "other",
+                "datatype": "FP32",
+                "shape": list(extra_first.shape),
+                "parameters": {"binary_data_size": extra_first.nbytes},
+            }
+        )
         blobs.append(extra_first.tobytes())
-    out = {"name": name, "datatype": datatype, "shape": list(tensor.shape)}
+    out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(tensor.shape)}
     if binary:
         out["parameters"] = {"binary_data_size": tensor.nbytes}
         blobs.append(tensor.tobytes())
@@ -88,16 +102,19 @@ def test_settings_defaults_and_paths():
     assert ready_path(settings(model_version="3")) == "/v2/models/image/versions/3/ready"
 
 
-@pytest.mark.parametrize("raw, fragment", [
-    ({"inputs": {"prompt": {"name": "p", "datatype": "INT32"}}}, "must be BYTES"),
-    ({"inputs": {"seed": {"name": "prompt"}}}, "used twice"),
-    ({"inputs": {"n": {"name": "n"}}, "max_batch": 2}, "not both"),
-    ({"inputs": {"steps": {"name": "s", "shape": [1, 0]}}}, "positive"),
-    ({"inputs": {"seed": {"name": "s", "datatype": "INT128"}}}, "INT64"),
-    ({"layout": "WHC"}, "NHWC"),
-    ({"base_url": "triton:8000"}, "http(s) URL"),
-    ({"outputs": "x"}, "unknown key"),
-])
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({"inputs": {"prompt": {"name": "p", "datatype": "INT32"}}}, "must be BYTES"),
+        ({"inputs": {"seed": {"name": "prompt"}}}, "used twice"),
+        ({"inputs": {"n": {"name": "n"}}, "max_batch": 2}, "not both"),
+        ({"inputs": {"steps": {"name": "s", "shape": [1, 0]}}}, "positive"),
+        ({"inputs": {"seed": {"name": "s", "datatype": "INT128"}}}, "INT64"),
+        ({"layout": "WHC"}, "NHWC"),
+        ({"base_url": "triton:8000"}, "http(s) URL"),
+        ({"outputs": "x"}, "unknown key"),
+    ],
+)
 def test_settings_refuses_bad_config(raw, fragment):
     with pytest.raises(SettingsError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         build(Settings, {**BASE, **raw})
@@ -117,16 +134,19 @@ def test_encode_json_prompt_only():
 
 
 def test_encode_maps_request_fields_with_datatypes_shapes_and_defaults():
-    s = settings(inputs={
-        "prompt": {"name": "text", "shape": [1]},
-        "negative_prompt": {"name": "neg"},
-        "seed": {"name": "seed"},
-        "steps": {"name": "num_steps", "default": 30},
-        "guidance": {"name": "cfg", "datatype": "FP64"},
-        "width": {"name": "w", "datatype": "INT64", "shape": [1]},
-        "height": {"name": "h", "datatype": "BYTES"},
-        "n": {"name": "count"},
-    }, parameters={"priority": 1})
+    s = settings(
+        inputs={
+            "prompt": {"name": "text", "shape": [1]},
+            "negative_prompt": {"name": "neg"},
+            "seed": {"name": "seed"},
+            "steps": {"name": "num_steps", "default": 30},
+            "guidance": {"name": "cfg", "datatype": "FP64"},
+            "width": {"name": "w", "datatype": "INT64", "shape": [1]},
+            "height": {"name": "h", "datatype": "BYTES"},
+            "n": {"name": "count"},
+        },
+        parameters={"priority": 1},
+    )
     _, body = encode_request(request(negative_prompt="blurry", seed=7, guidance_scale=5), s)
     doc = orjson.loads(body)
     assert doc["parameters"] == {"priority": 1}
@@ -156,8 +176,9 @@ def test_encode_binary_output_request_and_gzip():
 
 
 def test_encode_binary_inputs_layout():
-    s = settings(binary_inputs=True, inputs={"prompt": {"name": "prompt"}, "seed": {"name": "seed"},
-                                             "guidance": {"name": "g"}})
+    s = settings(
+        binary_inputs=True, inputs={"prompt": {"name": "prompt"}, "seed": {"name": "seed"}, "guidance": {"name": "g"}}
+    )
     headers, body = encode_request(request(prompt="héllo", seed=3, guidance_scale=2.5), s)
     assert headers["Content-Type"] == "application/octet-stream"
     length = int(headers["Inference-Header-Content-Length"])
@@ -183,8 +204,10 @@ def test_split_calls_parallel_and_batched():
 
 
 def test_encode_batch_dimension_rows():
-    s = settings(max_batch=4, inputs={"prompt": {"name": "prompt"}, "seed": {"name": "seed"},
-                                      "width": {"name": "width", "shape": [1, 1]}})
+    s = settings(
+        max_batch=4,
+        inputs={"prompt": {"name": "prompt"}, "seed": {"name": "seed"}, "width": {"name": "width", "shape": [1, 1]}},
+    )
     doc = orjson.loads(encode_request(request(n=3, seed=9), s)[1])
     by_name = {t["name"]: t for t in doc["inputs"]}
     assert by_name["prompt"]["shape"] == [3, 1] and by_name["prompt"]["data"] == ["a red fox"] * 3
@@ -203,8 +226,8 @@ def test_decode_nhwc(binary, datatype):
     headers, body = v2_response(tensor, datatype, binary=binary)
     out = decode_response(headers, body, settings())
     assert len(out) == 2
-    for got, want in zip(out, images):
-        assert got.dtype == np.uint8 and got.shape == (4, 5, 3)
+    for got, want in zip(out, images, strict=True):
+        assert isinstance(got, np.ndarray) and got.dtype == np.uint8 and got.shape == (4, 5, 3)
         np.testing.assert_array_equal(got, want)
 
 
@@ -241,42 +264,85 @@ def test_decode_layouts_and_scale():
 def test_decode_bytes_output_of_encoded_images():
     png = encode_array(render("p", 0, 4, 4))
     blob = struct.pack("<I", len(png)) + png
-    head = orjson.dumps({"outputs": [{"name": "generated_image", "datatype": "BYTES", "shape": [1],
-                                      "parameters": {"binary_data_size": len(blob)}}]})
+    head = orjson.dumps(
+        {
+            "outputs": [
+                {
+                    "name": "generated_image",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ]
+        }
+    )
     out = decode_response({"inference-header-content-length": str(len(head))}, head + blob, settings())
     assert out == [Image(format="png", data=png)]
-    json_body = orjson.dumps({"outputs": [{"name": "generated_image", "datatype": "BYTES", "shape": [1],
-                                           "data": [base64.b64encode(png).decode()]}]})
+    json_body = orjson.dumps(
+        {
+            "outputs": [
+                {"name": "generated_image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(png).decode()]}
+            ]
+        }
+    )
     assert decode_response({}, json_body, settings()) == [Image(format="png", data=png)]
 
 
 def test_bytes_output_that_is_not_an_image_is_a_protocol_error():
     from backends.triton.backend import _decode_and_encode
 
-    body = orjson.dumps({"outputs": [{"name": "generated_image", "datatype": "BYTES", "shape": [1],
-                                      "data": [base64.b64encode(b"not an image").decode()]}]})
+    body = orjson.dumps(
+        {
+            "outputs": [
+                {
+                    "name": "generated_image",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "data": [base64.b64encode(b"not an image").decode()],
+                }
+            ]
+        }
+    )
     with pytest.raises(CodecError, match="not an image"):
         _decode_and_encode(httpx.Headers(), body, settings(), "png")
 
 
-@pytest.mark.parametrize("headers, body, fragment", [
-    ({}, b"<html>oops", "not valid JSON"),
-    ({}, b'{"model_name": "image"}', "no outputs"),
-    ({}, b'{"outputs": [{"name": "other", "datatype": "UINT8", "shape": [1], "data": [1]}]}', "not in response"),
-    ({}, b'{"outputs": [{"name": "generated_image", "datatype": "UINT8", "shape": [1,2,2,3], "data": [1]}]}',
-     "4 values|1 values"),
-    ({}, b'{"outputs": [{"name": "generated_image", "datatype": "BF16", "shape": [1], "data": [1]}]}',
-     "unsupported datatype"),
-    ({}, b'{"outputs": [{"name": "generated_image", "datatype": "UINT8", "shape": [1,2,2,2], '
-         b'"data": [0,0,0,0,0,0,0,0]}]}',
-     "channels"),
-    ({}, b'{"outputs": [{"name": "generated_image", "datatype": "FP32", "shape": [2,1], "data": [1, 2]}]}',
-     "expected NHWC"),
-    ({}, b'{"outputs": [{"name": "generated_image", "datatype": "UINT8", "shape": [-1,2], "data": [1]}]}',
-     "bad shape"),
-    ({"Inference-Header-Content-Length": "999"}, b"{}", "outside a body"),
-    ({"Inference-Header-Content-Length": "x"}, b"{}", "bad Inference"),
-])
+@pytest.mark.parametrize(
+    "headers, body, fragment",
+    [
+        ({}, b"<html>oops", "not valid JSON"),
+        ({}, b'{"model_name": "image"}', "no outputs"),
+        ({}, b'{"outputs": [{"name": "other", "datatype": "UINT8", "shape": [1], "data": [1]}]}', "not in response"),
+        (
+            {},
+            b'{"outputs": [{"name": "generated_image", "datatype": "UINT8", "shape": [1,2,2,3], "data": [1]}]}',
+            "4 values|1 values",
+        ),
+        (
+            {},
+            b'{"outputs": [{"name": "generated_image", "datatype": "BF16", "shape": [1], "data": [1]}]}',
+            "unsupported datatype",
+        ),
+        (
+            {},
+            b'{"outputs": [{"name": "generated_image", "datatype": "UINT8", "shape": [1,2,2,2], '
+            b'"data": [0,0,0,0,0,0,0,0]}]}',
+            "channels",
+        ),
+        (
+            {},
+            b'{"outputs": [{"name": "generated_image", "datatype": "FP32", "shape": [2,1], "data": [1, 2]}]}',
+            "expected NHWC",
+        ),
+        (
+            {},
+            b'{"outputs": [{"name": "generated_image", "datatype": "UINT8", "shape": [-1,2], "data": [1]}]}',
+            "bad shape",
+        ),
+        ({"Inference-Header-Content-Length": "999"}, b"{}", "outside a body"),
+        ({"Inference-Header-Content-Length": "x"}, b"{}", "bad Inference"),
+    ],
+)
 def test_decode_errors(headers, body, fragment):
     with pytest.raises(CodecError, match=fragment):
         decode_response(headers, body, settings())
@@ -304,10 +370,16 @@ def fake():
 
 
 def make_backend(base: str, **overrides) -> TritonBackend:
-    raw = {"base_url": base, "model": "image", "inputs": {"prompt": {"name": "prompt"}, **SIZE_INPUTS},
-           "ready_interval_s": 0.1, **overrides}
-    spec = BackendSpec(name="tri", type="triton", settings=build(Settings, raw),
-                       timeouts=Timeouts(connect=2, read=10, total=20))
+    raw = {
+        "base_url": base,
+        "model": "image",
+        "inputs": {"prompt": {"name": "prompt"}, **SIZE_INPUTS},
+        "ready_interval_s": 0.1,
+        **overrides,
+    }
+    spec = BackendSpec(
+        name="tri", type="triton", settings=build(Settings, raw), timeouts=Timeouts(connect=2, read=10, total=20)
+    )
     return TritonBackend(spec)
 
 
@@ -324,8 +396,16 @@ def pixels(image: Image) -> np.ndarray:
     return np.asarray(PILImage.open(io.BytesIO(image.as_bytes())).convert("RGB"))
 
 
-@pytest.mark.parametrize("mode", [{}, {"binary": True}, {"binary": True, "accept_gzip": True},
-                                  {"binary": True, "binary_inputs": True}, {"accept_gzip": True}])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        {},
+        {"binary": True},
+        {"binary": True, "accept_gzip": True},
+        {"binary": True, "binary_inputs": True},
+        {"accept_gzip": True},
+    ],
+)
 async def test_generate_modes(fake, mode):
     b = make_backend(fake.base, **mode)
     await b.start()
@@ -358,9 +438,15 @@ async def test_generate_fp32_nchw_tensor(fake):
     np.testing.assert_array_equal(pixels(result.images[0]), render("a red fox", 1, 16, 8))
 
 
-@pytest.mark.parametrize("fmt, compression, expected", [
-    ("jpeg", None, "jpeg"), ("webp", None, "webp"), ("jpeg", 50, "png"), ("png", 80, "png"),
-])
+@pytest.mark.parametrize(
+    "fmt, compression, expected",
+    [
+        ("jpeg", None, "jpeg"),
+        ("webp", None, "webp"),
+        ("jpeg", 50, "png"),
+        ("png", 80, "png"),
+    ],
+)
 async def test_tensor_encoded_in_the_clients_format_unless_it_asked_for_compression(
     fake, backend, fmt, compression, expected
 ):
@@ -396,12 +482,15 @@ async def test_parallel_call_failure_fails_the_request(fake, backend):
         await backend.generate(request(n=3, seed=1), StageClock())
 
 
-@pytest.mark.parametrize("status, error, expected", [
-    (503, "Exceeds maximum queue size", BackendQueueFull),
-    (500, "Failed to process the request(s) for model 'image', message: boom", BackendFailed),
-    (400, "unexpected shape for input 'prompt' for model 'image'", BackendRejected),
-    (422, "Unprocessable Entity", BackendRejected),
-])
+@pytest.mark.parametrize(
+    "status, error, expected",
+    [
+        (503, "Exceeds maximum queue size", BackendQueueFull),
+        (500, "Failed to process the request(s) for model 'image', message: boom", BackendFailed),
+        (400, "unexpected shape for input 'prompt' for model 'image'", BackendRejected),
+        (422, "Unprocessable Entity", BackendRejected),
+    ],
+)
 async def test_error_statuses(fake, backend, status, error, expected):
     fake.fail_next(status, error)
     with pytest.raises(expected) as info:
@@ -479,7 +568,9 @@ async def test_connect_refused_marks_not_ready_and_poll_recovers(fake):
     # Through structlog, as every other log line (the changes the poller saw, one line each).
     assert [(e["event"], e["log_level"], e.get("ready")) for e in logs] == [
         ("triton.not_ready_at_start", "warning", None),
-        ("triton.ready_changed", "info", False), ("triton.ready_changed", "info", True)]
+        ("triton.ready_changed", "info", False),
+        ("triton.ready_changed", "info", True),
+    ]
 
 
 async def test_cancellation_drops_the_connection(fake, backend):
@@ -518,14 +609,25 @@ async def _until(predicate, timeout: float = 5.0) -> None:
 
 def gateway_yaml(primary: str, secondary: str, **primary_settings) -> str:
     def backend(name: str, base: str, extra: dict) -> str:
-        settings = {"base_url": base, "model": "image", "binary": True, "accept_gzip": True,
-                    "inputs": {"prompt": {"name": "prompt"}, **SIZE_INPUTS}, **extra}
-        return (f"  {name}:\n    type: triton\n    quality: 0.8\n    cost: {{per_image: 0.002}}\n"
-                f"    timeouts: {{connect: 2, read: 10, total: 20}}\n"
-                f"    capabilities: {{max_n: 4}}\n    settings: {orjson.dumps(settings).decode()}\n")
+        settings = {
+            "base_url": base,
+            "model": "image",
+            "binary": True,
+            "accept_gzip": True,
+            "inputs": {"prompt": {"name": "prompt"}, **SIZE_INPUTS},
+            **extra,
+        }
+        return (
+            f"  {name}:\n    type: triton\n    quality: 0.8\n    cost: {{per_image: 0.002}}\n"
+            f"    timeouts: {{connect: 2, read: 10, total: 20}}\n"
+            f"    capabilities: {{max_n: 4}}\n    settings: {orjson.dumps(settings).decode()}\n"
+        )
+
     return (
         "server: {host: 127.0.0.1, port: 8000, default_deadline_s: 30, retry_backoff_s: 0.05}\n"
-        "backends:\n" + backend("tri-a", primary, primary_settings) + backend("tri-b", secondary, {})
+        "backends:\n"
+        + backend("tri-a", primary, primary_settings)
+        + backend("tri-b", secondary, {})
         + "tiers:\n  standard: {quality_floor: 0.5, latency_budget_s: 30}\n"
         "routes:\n  - name: standard\n    match: {tiers: [standard]}\n    strategy: fallback\n"
         "    candidates:\n      - backend: tri-a\n      - backend: tri-b\n"
@@ -569,6 +671,7 @@ def test_gateway_official_client_jpeg(gateway):
 
     client = openai.OpenAI(base_url=gateway + "/v1", api_key="x", max_retries=0)
     result = client.images.generate(prompt="a red fox", size="64x64", output_format="jpeg")
+    assert result.data is not None and result.data[0].b64_json is not None
     data = base64.b64decode(result.data[0].b64_json)
     assert data[:3] == b"\xff\xd8\xff"
 

@@ -40,8 +40,12 @@ ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "tests" / "fakes" / "triton_models"
 PYTRITON_PYTHON = Path(os.environ.get("IMAGEGATE_PYTRITON_PYTHON", ROOT / ".ci-venvs/pytriton/bin/python"))
 MLSERVER_BIN = Path(os.environ.get("IMAGEGATE_MLSERVER_BIN", ROOT / ".ci-venvs/mlserver/bin/mlserver"))
-INPUTS = {"prompt": {"name": "prompt"}, "seed": {"name": "seed"}, "width": {"name": "width"},
-          "height": {"name": "height"}}
+INPUTS = {
+    "prompt": {"name": "prompt"},
+    "seed": {"name": "seed"},
+    "width": {"name": "width"},
+    "height": {"name": "height"},
+}
 
 
 def _require(path: Path, what: str) -> None:
@@ -53,8 +57,16 @@ def _require(path: Path, what: str) -> None:
 def triton_url():
     _require(PYTRITON_PYTHON, "nvidia-pytriton")
     http, grpc, metrics = free_port(), free_port(), free_port()
-    argv = [str(PYTRITON_PYTHON), str(MODELS / "serve_pytriton.py"), "--http-port", str(http),
-            "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    argv = [
+        str(PYTRITON_PYTHON),
+        str(MODELS / "serve_pytriton.py"),
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(grpc),
+        "--metrics-port",
+        str(metrics),
+    ]
     base = f"http://127.0.0.1:{http}"
     # /v2/health/ready answers before pytriton has bound its models: wait for the last one bound.
     with run_process(argv, ready_url=f"{base}/v2/models/image_queue1/ready", timeout=120):
@@ -65,18 +77,30 @@ def triton_url():
 def mlserver_url():
     _require(MLSERVER_BIN, "mlserver")
     http = free_port()
-    env = {"MLSERVER_HOST": "127.0.0.1", "MLSERVER_HTTP_PORT": str(http),
-           "MLSERVER_GRPC_PORT": str(free_port()), "MLSERVER_METRICS_PORT": str(free_port())}
+    env = {
+        "MLSERVER_HOST": "127.0.0.1",
+        "MLSERVER_HTTP_PORT": str(http),
+        "MLSERVER_GRPC_PORT": str(free_port()),
+        "MLSERVER_METRICS_PORT": str(free_port()),
+    }
     base = f"http://127.0.0.1:{http}"
-    with run_process([str(MLSERVER_BIN), "start", str(MODELS / "mlserver")], env=env,
-                     ready_url=f"{base}/v2/models/image/ready", timeout=120):
+    with run_process(
+        [str(MLSERVER_BIN), "start", str(MODELS / "mlserver")],
+        env=env,
+        ready_url=f"{base}/v2/models/image/ready",
+        timeout=120,
+    ):
         yield base
 
 
 def spec_for(base: str, **settings) -> BackendSpec:
     raw = {"base_url": base, "model": "image", "inputs": INPUTS, **settings}
-    return BackendSpec(name="triton-real", type="triton", settings=build(Settings, raw),
-                       timeouts=Timeouts(connect=5, read=30, total=60))
+    return BackendSpec(
+        name="triton-real",
+        type="triton",
+        settings=build(Settings, raw),
+        timeouts=Timeouts(connect=5, read=30, total=60),
+    )
 
 
 async def generate(base: str, req: ImageRequest, **settings):
@@ -123,10 +147,14 @@ async def test_triton_generates_the_models_image(triton_url, mode):
     assert result.usage.images == 1 and result.usage.megapixels == pytest.approx(64 * 48 / 1e6)
 
 
-@pytest.mark.parametrize("output, layout, binary", [
-    ("generated_image_fp32", "NHWC", True), ("generated_image_fp32", "NHWC", False),
-    ("generated_image_chw", "NCHW", True),
-])
+@pytest.mark.parametrize(
+    "output, layout, binary",
+    [
+        ("generated_image_fp32", "NHWC", True),
+        ("generated_image_fp32", "NHWC", False),
+        ("generated_image_chw", "NCHW", True),
+    ],
+)
 async def test_triton_fp32_and_chw_outputs(triton_url, output, layout, binary):
     result = await generate(triton_url, req(), output=output, layout=layout, binary=binary)
     np.testing.assert_array_equal(pixels(result.images[0]), render("a lighthouse at dusk", 11, 64, 48))
@@ -145,8 +173,9 @@ async def test_triton_gzip_reply_header_length_counts_the_decoded_body(triton_ur
     length = int(response.headers["inference-header-content-length"])
     head = json.loads(response.content[:length])
     assert head["outputs"][0]["parameters"]["binary_data_size"] == 64 * 48 * 3
-    np.testing.assert_array_equal(decode_response(response.headers, response.content, settings)[0],
-                                  render("a lighthouse at dusk", 11, 64, 48))
+    np.testing.assert_array_equal(
+        decode_response(response.headers, response.content, settings)[0], render("a lighthouse at dusk", 11, 64, 48)
+    )
 
 
 @pytest.mark.parametrize("max_batch", [1, 4])
@@ -164,7 +193,7 @@ async def test_triton_model_exception_is_a_backend_failure(triton_url):
 
 async def test_triton_unknown_input_is_rejected(triton_url):
     inputs = {**INPUTS, "steps": {"name": "num_inference_steps"}}
-    with pytest.raises(BackendRejected, match="HTTP 400.*num_inference_steps"):
+    with pytest.raises(BackendRejected, match=r"HTTP 400.*num_inference_steps"):
         await generate(triton_url, req(steps=20), inputs=inputs)
 
 
@@ -269,14 +298,21 @@ def test_gateway_falls_back_from_a_failing_v2_server_to_real_triton(triton_url):
     with serve_app(failing.app()) as fake_base:
         config = load_config_text(gateway_yaml(fake_base, triton_url), source="test")
         with serve_gateway(config) as base:
-            response = httpx.post(f"{base}/v1/images/generations", timeout=30,
-                                  json={"prompt": "a lighthouse at dusk", "size": "64x48", "seed": 11})
-            ok = httpx.post(f"{base}/v1/images/generations", timeout=30,
-                            json={"prompt": "a lighthouse at dusk", "size": "64x48", "seed": 11, "n": 2})
+            response = httpx.post(
+                f"{base}/v1/images/generations",
+                timeout=30,
+                json={"prompt": "a lighthouse at dusk", "size": "64x48", "seed": 11},
+            )
+            ok = httpx.post(
+                f"{base}/v1/images/generations",
+                timeout=30,
+                json={"prompt": "a lighthouse at dusk", "size": "64x48", "seed": 11, "n": 2},
+            )
     assert response.status_code == 200, response.text
     assert response.headers["x-backend"] == "tri-b"
     assert failing.calls, "the failing server was tried first"
     image = io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))
-    np.testing.assert_array_equal(np.asarray(PILImage.open(image).convert("RGB")),
-                                  render("a lighthouse at dusk", 11, 64, 48))
+    np.testing.assert_array_equal(
+        np.asarray(PILImage.open(image).convert("RGB")), render("a lighthouse at dusk", 11, 64, 48)
+    )
     assert ok.status_code == 200 and len(ok.json()["data"]) == 2

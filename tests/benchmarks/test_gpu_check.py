@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def load_bench_module():
     spec = importlib.util.spec_from_file_location("bench_sdxl", ROOT / "benchmarks" / "sdxl.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -24,8 +25,9 @@ def load_bench_module():
 
 def test_dry_run_runs_both_steps_and_writes_results(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "PASS gpu_sync_check" in (tmp_path / "gpu_sync_check.log").read_text()
     result = json.loads((tmp_path / "sdxl.json").read_text())
@@ -41,19 +43,26 @@ def test_sync_check_drives_the_backends_own_loop(monkeypatch, capsys):
     sync_checked and check_sync_free — with the real tiny UNet, not a copy of the loop."""
     from backends.local_sdxl import pipeline as pipeline_module
 
-    calls: dict[str, list] = {"build_pipeline": [], "denoise": [], "sync_checked": [], "check_sync_free": [],
-                              "loop_inputs": []}
+    calls: dict[str, list] = {
+        "build_pipeline": [],
+        "denoise": [],
+        "sync_checked": [],
+        "check_sync_free": [],
+        "loop_inputs": [],
+    }
 
     def spy(name, real):
         def wrapper(*args, **kwargs):
             calls[name].append(args)
             return real(*args, **kwargs)
+
         return wrapper
 
     for name in ("denoise", "sync_checked", "check_sync_free", "loop_inputs"):
         monkeypatch.setattr(pipeline_module.SDXLPipeline, name, spy(name, getattr(pipeline_module.SDXLPipeline, name)))
     monkeypatch.setattr(pipeline_module, "build_pipeline", spy("build_pipeline", pipeline_module.build_pipeline))
     spec = importlib.util.spec_from_file_location("gpu_sync_check", ROOT / "benchmarks" / "gpu_sync_check.py")
+    assert spec is not None and spec.loader is not None
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
     assert check.main(["--dry-run", "--steps", "2"]) == 0
@@ -93,5 +102,5 @@ def test_when_every_rung_fails_the_run_fails(monkeypatch):
     b.cuda = True
     monkeypatch.setattr(b, "reset_memory", lambda: None)
     monkeypatch.setattr(bench, "run_tuned", lambda _b, o: (_ for _ in ()).throw(ValueError(f"broken {o}")))
-    with pytest.raises(RuntimeError, match="failed 3 times; first: ValueError: broken {}"):
+    with pytest.raises(RuntimeError, match=r"failed 3 times; first: ValueError: broken \{\}"):
         bench.run_tuned_or_degrade(b)

@@ -35,13 +35,20 @@ class CogFake:
         elif method == "PUT" and path.startswith("/predictions/"):
             request = orjson.loads(body or b"{}")
             self.predictions.append(request)
-            await send_json(send, 200, {
-                "id": request.get("id"), "input": request.get("input"), "status": "succeeded",
-                "output": list(self.outputs), "error": None, "logs": "",
-                "metrics": {"predict_time": 0.01},
-            })
+            await send_json(
+                send,
+                200,
+                {
+                    "id": request.get("id"),
+                    "input": request.get("input"),
+                    "status": "succeeded",
+                    "output": list(self.outputs),
+                    "error": None,
+                    "logs": "",
+                    "metrics": {"predict_time": 0.01},
+                },
+            )
         elif method == "POST" and path.endswith("/cancel"):
             await send_json(send, 200, {})
         else:
             await send_json(send, 404, {"detail": "Not Found"})
-

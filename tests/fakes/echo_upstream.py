@@ -13,8 +13,21 @@ from typing import Any
 import orjson
 
 # Headers every HTTP client sends; echoing them only pushes the interesting ones past message limits.
-_BORING = frozenset({"host", "accept", "accept-encoding", "connection", "user-agent", "content-length",
-                     "content-type", "x-request-id", "prefer", "cancel-after", "x-fal-request-timeout"})
+_BORING = frozenset(
+    {
+        "host",
+        "accept",
+        "accept-encoding",
+        "connection",
+        "user-agent",
+        "content-length",
+        "content-type",
+        "x-request-id",
+        "prefer",
+        "cancel-after",
+        "x-fal-request-timeout",
+    }
+)
 
 
 class EchoUpstream:
@@ -31,8 +44,19 @@ class EchoUpstream:
         self.seen.append((scope["method"], scope["path"], headers))
         echoed = "; ".join(f"{k}: {v}" for k, v in headers.items() if k not in _BORING)
         text = f"request rejected ({echoed})"
-        body = orjson.dumps({"error": {"message": text, "type": "invalid_request_error"}, "detail": text,
-                             "message": text, "title": text})
-        await send({"type": "http.response.start", "status": self.status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        body = orjson.dumps(
+            {
+                "error": {"message": text, "type": "invalid_request_error"},
+                "detail": text,
+                "message": text,
+                "title": text,
+            }
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": self.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

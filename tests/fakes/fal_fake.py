@@ -41,8 +41,14 @@ from starlette.routing import Route
 
 from tests.servers import serve_app
 
-PRESETS = {"square_hd": (1024, 1024), "square": (512, 512), "portrait_4_3": (768, 1024),
-           "portrait_16_9": (576, 1024), "landscape_4_3": (1024, 768), "landscape_16_9": (1024, 576)}
+PRESETS = {
+    "square_hd": (1024, 1024),
+    "square": (512, 512),
+    "portrait_4_3": (768, 1024),
+    "portrait_16_9": (576, 1024),
+    "landscape_4_3": (1024, 768),
+    "landscape_16_9": (1024, 576),
+}
 
 
 @dataclass
@@ -62,13 +68,15 @@ class Failure:
     def infra(cls, error_type: str, status: int | None = None) -> Failure:
         """An infrastructure error: ``*_timeout`` types are 504, runner errors 503 (fal's table)."""
         status = status or (504 if error_type in ("request_timeout", "startup_timeout") else 503)
-        return cls(status, {"detail": f"fake {error_type}", "error_type": error_type},
-                   {"X-Fal-Error-Type": error_type})
+        return cls(status, {"detail": f"fake {error_type}", "error_type": error_type}, {"X-Fal-Error-Type": error_type})
 
     @classmethod
     def user_timeout(cls) -> Failure:
-        return cls(504, {"detail": "Request timed out before a runner started", "error_type": "request_timeout"},
-                   {"X-Fal-Request-Timeout-Type": "user", "X-Fal-Error-Type": "request_timeout"})
+        return cls(
+            504,
+            {"detail": "Request timed out before a runner started", "error_type": "request_timeout"},
+            {"X-Fal-Request-Timeout-Type": "user", "X-Fal-Error-Type": "request_timeout"},
+        )
 
     @classmethod
     def validation(cls, loc: str, msg: str) -> Failure:
@@ -109,8 +117,12 @@ class _Job:
 
     def urls(self) -> dict[str, str]:
         url = f"{self.base}/{self.app}/requests/{self.id}"
-        return {"request_id": self.id, "response_url": url, "status_url": f"{url}/status",
-                "cancel_url": f"{url}/cancel"}
+        return {
+            "request_id": self.id,
+            "response_url": url,
+            "status_url": f"{url}/status",
+            "cancel_url": f"{url}/cancel",
+        }
 
 
 def _error(failure: Failure, rid: str) -> Response:
@@ -140,8 +152,12 @@ def _check_input(data: Any) -> list[dict]:
     ranges = {"num_images": (1, 8), "num_inference_steps": (1, 65), "guidance_scale": (0, 20)}
     for key, (lo, hi) in ranges.items():
         value = data.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not lo <= value <= hi or (key != "guidance_scale" and value != int(value))):
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not lo <= value <= hi
+            or (key != "guidance_scale" and value != int(value))
+        ):
             bad(key, f"ensure this value is between {lo} and {hi}")
     if data.get("format", "jpeg") not in ("jpeg", "png"):
         bad("format", "value is not a valid enumeration member; permitted: 'jpeg', 'png'")
@@ -168,13 +184,15 @@ class FalFake:
         self.cancel_seen = threading.Event()
         self.run_disconnect_seen = threading.Event()
         self.queue_url = self.run_url = ""
-        self.queue_app = Starlette(routes=[
-            Route("/files/{name}", self._file, methods=["GET"]),
-            Route("/{owner}/{alias}/requests/{rid}/status", self._status, methods=["GET"]),
-            Route("/{owner}/{alias}/requests/{rid}/cancel", self._cancel, methods=["PUT"]),
-            Route("/{owner}/{alias}/requests/{rid}", self._result, methods=["GET"]),
-            Route("/{app:path}", self._submit, methods=["POST"]),
-        ])
+        self.queue_app = Starlette(
+            routes=[
+                Route("/files/{name}", self._file, methods=["GET"]),
+                Route("/{owner}/{alias}/requests/{rid}/status", self._status, methods=["GET"]),
+                Route("/{owner}/{alias}/requests/{rid}/cancel", self._cancel, methods=["PUT"]),
+                Route("/{owner}/{alias}/requests/{rid}", self._result, methods=["GET"]),
+                Route("/{app:path}", self._submit, methods=["POST"]),
+            ]
+        )
         self.run_app = Starlette(routes=[Route("/{app:path}", self._run, methods=["POST"])])
 
     def reset(self, **scenario: Any) -> Scenario:
@@ -209,15 +227,19 @@ class FalFake:
     async def _accept(self, request: Request, rid: str) -> tuple[dict | None, Response | None]:
         """Auth, canned failures and input validation shared by submit and run."""
         if not self._authorized(request):
-            return None, JSONResponse({"detail": "No user found for Key ID and Secret"}, 401,
-                                      headers={"x-fal-request-id": rid})
+            return None, JSONResponse(
+                {"detail": "No user found for Key ID and Secret"}, 401, headers={"x-fal-request-id": rid}
+            )
         if self.scenario.fail_submit:
             return None, _error(self.scenario.fail_submit.pop(0), rid)
         try:
             data = await request.json()
         except ValueError:
-            return None, JSONResponse({"detail": [{"loc": ["body"], "msg": "Invalid JSON", "type": "json_invalid"}]},
-                                      422, headers={"x-fal-request-id": rid})
+            return None, JSONResponse(
+                {"detail": [{"loc": ["body"], "msg": "Invalid JSON", "type": "json_invalid"}]},
+                422,
+                headers={"x-fal-request-id": rid},
+            )
         errors = _check_input(data)
         if errors:
             return None, JSONResponse({"detail": errors}, 422, headers={"x-fal-request-id": rid})
@@ -239,13 +261,19 @@ class FalFake:
                 self.files[name] = (raw, content_type)
                 url = f"{self.scenario.output_base or base}/files/{name}"
             images.append({"url": url, "width": width, "height": height, "content_type": content_type})
-        return {"images": images, "timings": {"inference": self.scenario.inference_time}, "seed": seed,
-                "has_nsfw_concepts": [False] * len(images), "prompt": data["prompt"]}
+        return {
+            "images": images,
+            "timings": {"inference": self.scenario.inference_time},
+            "seed": seed,
+            "has_nsfw_concepts": [False] * len(images),
+            "prompt": data["prompt"],
+        }
 
     def _deliver(self, output: dict, rid: str) -> Response:
         if self.scenario.result == "malformed":
-            return Response(b'{"images": [{"url": ', 200, media_type="application/json",
-                            headers={"x-fal-request-id": rid})
+            return Response(
+                b'{"images": [{"url": ', 200, media_type="application/json", headers={"x-fal-request-id": rid}
+            )
         if self.scenario.result == "reset":
             return _ResetMidBody()
         return JSONResponse(output, headers={"x-fal-request-id": rid})
@@ -257,11 +285,20 @@ class FalFake:
         data, error = await self._accept(request, rid)
         if error is not None:
             return error
+        assert data is not None  # _accept returns one or the other
         owner, alias = request.path_params["app"].split("/")[:2]
         base = self.scenario.queue_url_base or str(request.base_url).rstrip("/")
         job = self.jobs[rid] = _Job(rid, f"{owner}/{alias}", data, base)
-        return JSONResponse({"status": "IN_QUEUE", **job.urls(), "queue_position": self.scenario.queue_polls,
-                             "logs": None, "metrics": {}}, headers={"x-fal-request-id": rid})
+        return JSONResponse(
+            {
+                "status": "IN_QUEUE",
+                **job.urls(),
+                "queue_position": self.scenario.queue_polls,
+                "logs": None,
+                "metrics": {},
+            },
+            headers={"x-fal-request-id": rid},
+        )
 
     def _job(self, request: Request) -> _Job | None:
         job = self.jobs.get(request.path_params["rid"])
@@ -296,8 +333,9 @@ class FalFake:
             body["queue_position"] = self.scenario.queue_polls - job.polls
             return JSONResponse(body, 202, headers=headers)
         if with_logs:
-            body["logs"] = [{"message": "fake: denoising", "level": "INFO", "source": "user",
-                             "timestamp": "2025-01-01T00:00:00Z"}]
+            body["logs"] = [
+                {"message": "fake: denoising", "level": "INFO", "source": "user", "timestamp": "2025-01-01T00:00:00Z"}
+            ]
         if state == "IN_PROGRESS":
             return JSONResponse(body, 202, headers=headers)
         body["metrics"] = {"inference_time": self.scenario.inference_time}
@@ -306,8 +344,12 @@ class FalFake:
         elif self.scenario.completed_error is not None:
             failure = self.scenario.completed_error
             detail = failure.body.get("detail") if isinstance(failure.body, dict) else failure.body
-            body.update(error=str(detail), error_type=failure.headers.get("X-Fal-Error-Type")
-                        or (failure.body or {}).get("error_type") or "model_error")
+            body.update(
+                error=str(detail),
+                error_type=failure.headers.get("X-Fal-Error-Type")
+                or (failure.body or {}).get("error_type")
+                or "model_error",
+            )
         return JSONResponse(body, 200, headers=headers)
 
     async def _result(self, request: Request) -> Response:
@@ -351,6 +393,7 @@ class FalFake:
         data, error = await self._accept(request, rid)
         if error is not None:
             return error
+        assert data is not None  # _accept returns one or the other
         loop = asyncio.get_running_loop()
         until = loop.time() + self.scenario.run_delay
         while loop.time() < until:
@@ -368,8 +411,13 @@ class _ResetMidBody(Response):
     def __init__(self) -> None:
         super().__init__(status_code=200)
 
-    async def __call__(self, scope, receive, send) -> None:  # type: ignore[override]
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
+    async def __call__(self, scope, receive, send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")],
+            }
+        )
         await send({"type": "http.response.body", "body": b'{"images": [{"url": "', "more_body": True})
         raise ConnectionAbortedError("fake fal: connection reset mid-body")

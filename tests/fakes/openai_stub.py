@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 from PIL import Image as PILImage
+from starlette.types import Receive, Scope, Send
 
 from tests.fakes.asgi import read_body
 
@@ -37,7 +38,7 @@ class OpenAIStub:
     def _body(self, n: int) -> bytes:
         return orjson.dumps({"created": 1, "data": [{"b64_json": self.b64} for _ in range(n)]})
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         if scope["method"] == "GET" and scope["path"].startswith("/files/"):
@@ -72,8 +73,13 @@ class OpenAIStub:
             raise ValueError(f"unknown stub action {action!r}")
 
     @staticmethod
-    async def _send(send: Any, status: int, body: bytes, ctype: bytes = b"application/json",
-                    extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def _send(
+        send: Any,
+        status: int,
+        body: bytes,
+        ctype: bytes = b"application/json",
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode()), *(extra or [])]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -33,22 +33,39 @@ class OutputHost:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        self.requests.append(Seen(
-            scope["method"], scope["path"], scope.get("query_string", b"").decode("latin-1"),
-            tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]),
-        ))
+        self.requests.append(
+            Seen(
+                scope["method"],
+                scope["path"],
+                scope.get("query_string", b"").decode("latin-1"),
+                tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]),
+            )
+        )
         if 300 <= self.status < 400:
-            await send({"type": "http.response.start", "status": self.status, "headers": [
-                (b"location", b"/elsewhere"), (b"content-length", b"0")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status,
+                    "headers": [(b"location", b"/elsewhere"), (b"content-length", b"0")],
+                }
+            )
             await send({"type": "http.response.body", "body": b""})
             return
-        await send({"type": "http.response.start", "status": self.status, "headers": [
-            (b"content-type", b"image/png"), (b"content-length", str(len(self.image)).encode()),
-            (b"set-cookie", self.set_cookie.encode("latin-1")),
-        ]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": self.status,
+                "headers": [
+                    (b"content-type", b"image/png"),
+                    (b"content-length", str(len(self.image)).encode()),
+                    (b"set-cookie", self.set_cookie.encode("latin-1")),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": self.image})
 
     def header_text(self) -> str:
         """Everything the output host was sent apart from the body, as one string to search."""
-        return "\n".join(f"{r.method} {r.path}?{r.query}\n" + "\n".join(f"{k}: {v}" for k, v in r.headers)
-                         for r in self.requests)
+        return "\n".join(
+            f"{r.method} {r.path}?{r.query}\n" + "\n".join(f"{k}: {v}" for k, v in r.headers) for r in self.requests
+        )

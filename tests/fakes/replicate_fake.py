@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from PIL import Image as PILImage
@@ -44,8 +44,16 @@ from tests.servers import serve_app
 TOKEN = "r8_fakeTokenForTests0123456789abcdef"
 
 FLUX_SIZES = {  # FLUX.1 output sizes at 1 megapixel, per aspect ratio (0.25 MP: half each side)
-    "1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640), "3:2": (1216, 832), "2:3": (832, 1216),
-    "4:5": (896, 1088), "5:4": (1088, 896), "3:4": (896, 1152), "4:3": (1152, 896), "9:16": (768, 1344),
+    "1:1": (1024, 1024),
+    "16:9": (1344, 768),
+    "21:9": (1536, 640),
+    "3:2": (1216, 832),
+    "2:3": (832, 1216),
+    "4:5": (896, 1088),
+    "5:4": (1088, 896),
+    "3:4": (896, 1152),
+    "4:3": (1152, 896),
+    "9:16": (768, 1344),
     "9:21": (640, 1536),
 }
 FORMATS = {"png": ("PNG", "image/png"), "jpg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
@@ -86,32 +94,64 @@ class FakeModel:
 
 
 _COMMON = {"prompt": F(str, required=True), "seed": F(int)}
-_FLUX = {**_COMMON, "aspect_ratio": F(str, choices=tuple(FLUX_SIZES)), "num_outputs": F(int, 1, 4),
-         "output_format": F(str, choices=("webp", "jpg", "png")), "output_quality": F(int, 0, 100),
-         "megapixels": F(str, choices=("1", "0.25")), "disable_safety_checker": F(bool), "go_fast": F(bool)}
+_FLUX = {
+    **_COMMON,
+    "aspect_ratio": F(str, choices=tuple(FLUX_SIZES)),
+    "num_outputs": F(int, 1, 4),
+    "output_format": F(str, choices=("webp", "jpg", "png")),
+    "output_quality": F(int, 0, 100),
+    "megapixels": F(str, choices=("1", "0.25")),
+    "disable_safety_checker": F(bool),
+    "go_fast": F(bool),
+}
 MODELS = {
     m.name: m
     for m in (
-        FakeModel("stability-ai/sdxl", "7762fd07cf82c948538e41f63f77d685e02b063e37e496e96eefd46c929f9bdc", {
-            **_COMMON, "negative_prompt": F(str), "width": F(int, 128, 2048), "height": F(int, 128, 2048),
-            "num_outputs": F(int, 1, 4), "num_inference_steps": F(int, 1, 500), "guidance_scale": F(float, 1, 50),
-            "scheduler": F(str, choices=("DDIM", "DPMSolverMultistep", "K_EULER", "PNDM")),
-            "refine": F(str, choices=("no_refiner", "expert_ensemble_refiner", "base_image_refiner")),
-            "apply_watermark": F(bool), "disable_safety_checker": F(bool),
-        }),
-        FakeModel("black-forest-labs/flux-schnell",
-                  "c846a69991daf4c0e5d016514849d14ee5b2e6846ce6b9d6f21369e564cfe51e",
-                  {**_FLUX, "num_inference_steps": F(int, 1, 4)}, default_format="webp"),
-        FakeModel("black-forest-labs/flux-dev", "6e4a938f85952bdabcc15aa329178c4d681c52bf25a0342403287dc26944661d",
-                  {**_FLUX, "num_inference_steps": F(int, 1, 50), "guidance": F(float, 0, 10)},
-                  default_format="webp"),
-        FakeModel("black-forest-labs/flux-1.1-pro",
-                  "80a09d66baa990429c2f5ae8a4306bf778a1b3775afd01cc2cc8bdbe9033769c", {
-                      **_COMMON, "aspect_ratio": F(str, choices=(*FLUX_SIZES, "custom")),
-                      "width": F(int, 256, 1440), "height": F(int, 256, 1440),
-                      "output_format": F(str, choices=("webp", "jpg", "png")), "output_quality": F(int, 0, 100),
-                      "safety_tolerance": F(int, 1, 6), "prompt_upsampling": F(bool),
-                  }, single_output=True, default_format="webp"),
+        FakeModel(
+            "stability-ai/sdxl",
+            "7762fd07cf82c948538e41f63f77d685e02b063e37e496e96eefd46c929f9bdc",
+            {
+                **_COMMON,
+                "negative_prompt": F(str),
+                "width": F(int, 128, 2048),
+                "height": F(int, 128, 2048),
+                "num_outputs": F(int, 1, 4),
+                "num_inference_steps": F(int, 1, 500),
+                "guidance_scale": F(float, 1, 50),
+                "scheduler": F(str, choices=("DDIM", "DPMSolverMultistep", "K_EULER", "PNDM")),
+                "refine": F(str, choices=("no_refiner", "expert_ensemble_refiner", "base_image_refiner")),
+                "apply_watermark": F(bool),
+                "disable_safety_checker": F(bool),
+            },
+        ),
+        FakeModel(
+            "black-forest-labs/flux-schnell",
+            "c846a69991daf4c0e5d016514849d14ee5b2e6846ce6b9d6f21369e564cfe51e",
+            {**_FLUX, "num_inference_steps": F(int, 1, 4)},
+            default_format="webp",
+        ),
+        FakeModel(
+            "black-forest-labs/flux-dev",
+            "6e4a938f85952bdabcc15aa329178c4d681c52bf25a0342403287dc26944661d",
+            {**_FLUX, "num_inference_steps": F(int, 1, 50), "guidance": F(float, 0, 10)},
+            default_format="webp",
+        ),
+        FakeModel(
+            "black-forest-labs/flux-1.1-pro",
+            "80a09d66baa990429c2f5ae8a4306bf778a1b3775afd01cc2cc8bdbe9033769c",
+            {
+                **_COMMON,
+                "aspect_ratio": F(str, choices=(*FLUX_SIZES, "custom")),
+                "width": F(int, 256, 1440),
+                "height": F(int, 256, 1440),
+                "output_format": F(str, choices=("webp", "jpg", "png")),
+                "output_quality": F(int, 0, 100),
+                "safety_tolerance": F(int, 1, 6),
+                "prompt_upsampling": F(bool),
+            },
+            single_output=True,
+            default_format="webp",
+        ),
     )
 }
 DEPLOYMENTS = {"acme/sdxl-prod": "stability-ai/sdxl", "acme/flux-fast": "black-forest-labs/flux-schnell"}
@@ -133,17 +173,29 @@ def validate(model: FakeModel, inp: Any) -> list[dict[str, str]]:
             ok_type = True
         where = f"input.{name}"
         if not ok_type:
-            problems.append({"type": "invalid_type", "field": where,
-                             "description": f"Invalid type. Expected: {spec.type.__name__}"})
+            problems.append(
+                {"type": "invalid_type", "field": where, "description": f"Invalid type. Expected: {spec.type.__name__}"}
+            )
         elif spec.choices and value not in spec.choices:
-            problems.append({"type": "enum", "field": where, "description": f"{name} must be one of the following: "
-                             + ", ".join(f'"{c}"' for c in spec.choices)})
+            problems.append(
+                {
+                    "type": "enum",
+                    "field": where,
+                    "description": f"{name} must be one of the following: " + ", ".join(f'"{c}"' for c in spec.choices),
+                }
+            )
         elif spec.minimum is not None and value < spec.minimum:
-            problems.append({"type": "number_gte", "field": where,
-                             "description": f"Must be greater than or equal to {spec.minimum:g}"})
+            problems.append(
+                {
+                    "type": "number_gte",
+                    "field": where,
+                    "description": f"Must be greater than or equal to {spec.minimum:g}",
+                }
+            )
         elif spec.maximum is not None and value > spec.maximum:
-            problems.append({"type": "number_lte", "field": where,
-                             "description": f"Must be less than or equal to {spec.maximum:g}"})
+            problems.append(
+                {"type": "number_lte", "field": where, "description": f"Must be less than or equal to {spec.maximum:g}"}
+            )
     return problems
 
 
@@ -236,7 +288,7 @@ class _Prediction:
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -252,8 +304,11 @@ def parse_duration(text: str) -> float | None:
 
 
 def _problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"title": title, "detail": detail, "status": status, **extra}, status_code=status,
-                        media_type="application/problem+json")
+    return JSONResponse(
+        {"title": title, "detail": detail, "status": status, **extra},
+        status_code=status,
+        media_type="application/problem+json",
+    )
 
 
 class _ResetResponse(Response):
@@ -263,8 +318,13 @@ class _ResetResponse(Response):
         super().__init__(status_code=status_code)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": self.status_code,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")],
+            }
+        )
         await send({"type": "http.response.body", "body": b'{"id": "x", "status": "proc', "more_body": True})
         raise ConnectionResetError("fake: connection reset mid-body")
 
@@ -272,8 +332,9 @@ class _ResetResponse(Response):
 def _broken(kind: Broken, status: int) -> Response:
     if kind == "reset":
         return _ResetResponse(status)
-    return Response(b'{"id": "p1", "status": "succeeded", "output": ["ht', status_code=status,
-                    media_type="application/json")
+    return Response(
+        b'{"id": "p1", "status": "succeeded", "output": ["ht', status_code=status, media_type="application/json"
+    )
 
 
 # -- the fake ----------------------------------------------------------------------------------------------
@@ -292,14 +353,16 @@ class FakeReplicate:
         self._scenarios: collections.deque[Scenario] = collections.deque()
         self._lock = threading.Lock()
         self.base_url = ""
-        self.app = Starlette(routes=[
-            Route("/v1/predictions", self.create_version, methods=["POST"]),
-            Route("/v1/models/{owner}/{name}/predictions", self.create_model, methods=["POST"]),
-            Route("/v1/deployments/{owner}/{name}/predictions", self.create_deployment, methods=["POST"]),
-            Route("/v1/predictions/{id}", self.get, methods=["GET"]),
-            Route("/v1/predictions/{id}/cancel", self.cancel, methods=["POST"]),
-            Route("/delivery/{file_id}/{filename}", self.delivery, methods=["GET"]),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route("/v1/predictions", self.create_version, methods=["POST"]),
+                Route("/v1/models/{owner}/{name}/predictions", self.create_model, methods=["POST"]),
+                Route("/v1/deployments/{owner}/{name}/predictions", self.create_deployment, methods=["POST"]),
+                Route("/v1/predictions/{id}", self.get, methods=["GET"]),
+                Route("/v1/predictions/{id}/cancel", self.cancel, methods=["POST"]),
+                Route("/delivery/{file_id}/{filename}", self.delivery, methods=["GET"]),
+            ]
+        )
 
     # -- test API -------------------------------------------------------------------------------------------
 
@@ -332,8 +395,9 @@ class FakeReplicate:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = raw
-        self.requests.append(Recorded(request.method, request.url.path,
-                                      {k.lower(): v for k, v in request.headers.items()}, body))
+        self.requests.append(
+            Recorded(request.method, request.url.path, {k.lower(): v for k, v in request.headers.items()}, body)
+        )
         return body
 
     def _authorized(self, request: Request) -> bool:
@@ -349,8 +413,11 @@ class FakeReplicate:
         version = body.get("version") if isinstance(body, dict) else None
         model = next((m for m in MODELS.values() if m.version == version), None)
         if model is None:
-            return _problem(422, "Invalid version or not permitted",
-                            "The specified version does not exist (or perhaps you don't have permission to use it?)")
+            return _problem(
+                422,
+                "Invalid version or not permitted",
+                "The specified version does not exist (or perhaps you don't have permission to use it?)",
+            )
         return await self._create(request, model, body)
 
     async def create_model(self, request: Request) -> Response:
@@ -378,8 +445,10 @@ class FakeReplicate:
             headers = {"Retry-After": scenario.retry_after} if scenario.retry_after else None
             titles = {429: "Request was throttled.", 503: "Service Unavailable"}
             detail = scenario.detail or (
-                "Request was throttled. Expected available in 1 second." if scenario.http_status == 429
-                else "The service is temporarily unavailable.")
+                "Request was throttled. Expected available in 1 second."
+                if scenario.http_status == 429
+                else "The service is temporarily unavailable."
+            )
             response = _problem(scenario.http_status, titles.get(scenario.http_status, "Error"), detail)
             if headers:
                 response.headers.update(headers)
@@ -389,20 +458,26 @@ class FakeReplicate:
         if problems:
             detail = "".join(f"- {p['field']}: {p['description']}\n" for p in problems)
             return _problem(422, "Input validation failed", detail, invalid_fields=problems)
+        assert isinstance(inp, dict)  # validate() refuses anything else
         cancel_after = None
         if "cancel-after" in request.headers:
             seconds = parse_duration(request.headers["cancel-after"])
             if seconds is None:
                 return _problem(400, "Invalid Cancel-After header", "Cancel-After must be a duration like 30s or 1m")
             cancel_after = time.time() + seconds
-        pred = _Prediction(id=uuid.uuid4().hex[:26], model=model, input=dict(inp), scenario=scenario,
-                           created=time.time(), cancel_after=cancel_after)
+        pred = _Prediction(
+            id=uuid.uuid4().hex[:26],
+            model=model,
+            input=dict(inp),
+            scenario=scenario,
+            created=time.time(),
+            cancel_after=cancel_after,
+        )
         self.predictions[pred.id] = pred
         wait = self._prefer_wait(request.headers.get("prefer"))
         if wait:
             end = time.monotonic() + wait
-            while time.monotonic() < end and self._status(pred) not in ("succeeded", "failed", "canceled",
-                                                                         "aborted"):
+            while time.monotonic() < end and self._status(pred) not in ("succeeded", "failed", "canceled", "aborted"):
                 await asyncio.sleep(0.01)
         if scenario.hold_create is not None:
             end = time.monotonic() + 60  # a test that forgets to release it still ends
@@ -497,17 +572,32 @@ class FakeReplicate:
         links = api.replace("127.0.0.1", "localhost") if pred.scenario.foreign_urls else api
         status, started, completed = pred.state(time.time())
         out: dict[str, Any] = {
-            "id": pred.id, "model": pred.model.name, "version": pred.model.version, "input": pred.input,
-            "logs": "" if status == "starting" else "Running predict()...\n", "output": None,
-            "data_removed": False, "error": None, "status": status, "source": "api",
-            "created_at": _iso(pred.created), "started_at": _iso(started), "completed_at": _iso(completed),
+            "id": pred.id,
+            "model": pred.model.name,
+            "version": pred.model.version,
+            "input": pred.input,
+            "logs": "" if status == "starting" else "Running predict()...\n",
+            "output": None,
+            "data_removed": False,
+            "error": None,
+            "status": status,
+            "source": "api",
+            "created_at": _iso(pred.created),
+            "started_at": _iso(started),
+            "completed_at": _iso(completed),
             "metrics": {},
-            "urls": {"get": f"{links}/v1/predictions/{pred.id}", "cancel": f"{links}/v1/predictions/{pred.id}/cancel",
-                     "stream": f"{links}/stream/{pred.id}", "web": f"{links}/p/{pred.id}"},
+            "urls": {
+                "get": f"{links}/v1/predictions/{pred.id}",
+                "cancel": f"{links}/v1/predictions/{pred.id}/cancel",
+                "stream": f"{links}/stream/{pred.id}",
+                "web": f"{links}/p/{pred.id}",
+            },
         }
         if completed is not None and started is not None:
-            out["metrics"] = {"predict_time": round(completed - started, 6),
-                              "total_time": round(completed - pred.created, 6)}
+            out["metrics"] = {
+                "predict_time": round(completed - started, 6),
+                "total_time": round(completed - pred.created, 6),
+            }
         if status == "succeeded":
             out["output"] = self._outputs(pred, api)
         elif status == "failed":

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import httpx
 import pytest
@@ -59,9 +60,11 @@ def test_version():
 
 
 def test_gateway_package_never_imports_torch():
-    code = ("import sys, gateway.app, gateway.cli, gateway.config, backends.registry; "
-            "from gateway.config import load_config; load_config('routes.yaml'); "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys, gateway.app, gateway.cli, gateway.config, backends.registry; "
+        "from gateway.config import load_config; load_config('routes.yaml'); "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -132,7 +135,7 @@ def test_serve_runs_uvicorn_with_the_production_settings(tmp_path, monkeypatch):
 def test_serve_with_workers_gives_them_one_image_directory(tmp_path, monkeypatch):
     from gateway.images import IMAGE_DIR_ENV
 
-    seen = {}
+    seen: dict[str, Any] = {}
 
     def run(app, **kwargs):
         seen.update(app=app, workers=kwargs["workers"], image_dir=os.environ[IMAGE_DIR_ENV])
@@ -162,14 +165,16 @@ def test_two_worker_processes_serve_each_others_url_images(tmp_path):
         path = tmp_path / "routes.yaml"
         path.write_text(REMOTE.format(base=upstream))
         port = free_port()
-        argv = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port),
-                "--workers", "2"]
+        argv = [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--port", str(port), "--workers", "2"]
         with run_process(argv, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=120):
             base = f"http://127.0.0.1:{port}"
             urls = []
             for _ in range(16):
-                r = httpx.post(base + "/v1/images/generations", json={"prompt": "a fox", "size": "64x64",
-                                                                      "response_format": "url"}, timeout=30)
+                r = httpx.post(
+                    base + "/v1/images/generations",
+                    json={"prompt": "a fox", "size": "64x64", "response_format": "url"},
+                    timeout=30,
+                )
                 assert r.status_code == 200, r.text
                 urls.append(r.json()["data"][0]["url"])
             statuses = [httpx.get(url, timeout=30).status_code for url in urls for _ in range(2)]

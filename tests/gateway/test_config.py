@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from gateway.config import ConfigError, load_config, load_config_text
@@ -29,13 +31,13 @@ def test_parses_into_frozen_typed_objects(monkeypatch):
     assert cfg.tiers["standard"].latency_budget_s == 30.0
     assert cfg.routes[0].strategy == "fallback"
     with pytest.raises(AttributeError):
-        cfg.server.port = 1  # type: ignore[misc]
+        cfg.server.port = 1  # type: ignore[misc]  # frozen: the assignment must fail
     assert "sk-live-abcdef123456" in cfg.secrets
 
 
 def test_redacted_view_never_shows_secrets(monkeypatch):
     monkeypatch.setenv("TEST_KEY", "sk-live-abcdef123456")
-    doc = BASE.replace('settings: {base_url', 'settings: {extra_headers: {x-api-key: "literal-secret-999"}, base_url')
+    doc = BASE.replace("settings: {base_url", 'settings: {extra_headers: {x-api-key: "literal-secret-999"}, base_url')
     cfg = load_config_text(doc, "routes.yaml")
     text = repr(cfg.redacted())
     assert "sk-live-abcdef123456" not in text and "literal-secret-999" not in text
@@ -51,24 +53,47 @@ def test_redacted_view_never_shows_secrets(monkeypatch):
         (lambda d: d.replace("base_url:", "base_ur:"), "backends.up.settings.base_ur", "unknown key"),
         (lambda d: d.replace("{backend: up}", "{backend: nope}"), "routes[0].candidates[0].backend", "no backend"),
         (lambda d: d.replace("default_tier: standard", "default_tier: gold"), "default_tier", "not a tier"),
-        (lambda d: d.replace("standard: {quality_floor: 0.5, latency_budget_s: 30}",
-                             "standard: {qualities: [low]}\n  preview: {qualities: [low]}"),
-         "tiers.preview.qualities", "already selects tier 'standard'"),
+        (
+            lambda d: d.replace(
+                "standard: {quality_floor: 0.5, latency_budget_s: 30}",
+                "standard: {qualities: [low]}\n  preview: {qualities: [low]}",
+            ),
+            "tiers.preview.qualities",
+            "already selects tier 'standard'",
+        ),
         (lambda d: d.replace("per_image: 0.02", "per_image: cheap"), "backends.up.cost.per_image", "number"),
         (lambda d: d + "\nextra: 1\n", "extra", "unknown key"),
-        (lambda d: d.replace("    candidates: [{backend: up}]", "    candidates: []"), "routes[0].candidates",
-         "at least one"),
-        (lambda d: d.replace("name: default", "name: default\n    strategy: random"), "routes[0].strategy",
-         "must be one of"),
+        (
+            lambda d: d.replace("    candidates: [{backend: up}]", "    candidates: []"),
+            "routes[0].candidates",
+            "at least one",
+        ),
+        (
+            lambda d: d.replace("name: default", "name: default\n    strategy: random"),
+            "routes[0].strategy",
+            "must be one of",
+        ),
         # Issue #9 item 4: every accepted key means something; the rest are refused.
-        (lambda d: d.replace("quality: 0.7", "quality: 0.7\n    capabilities: {output_formats: [gif]}"),
-         "backends.up.capabilities.output_formats[0]", "must be one of 'png', 'jpeg', 'webp'"),
-        (lambda d: d.replace("quality: 0.7", "quality: 0.7\n    capabilities: {output_formats: []}"),
-         "backends.up.capabilities", "at least one format"),
-        (lambda d: d.replace("quality: 0.7", "quality: 0.7\n    capabilities: {seed: maybe}"),
-         "backends.up.capabilities.seed", "true or false"),
-        (lambda d: d.replace("{quality_floor: 0.5,", "{name: gold, quality_floor: 0.5,"), "tiers.standard.name",
-         "unknown key"),
+        (
+            lambda d: d.replace("quality: 0.7", "quality: 0.7\n    capabilities: {output_formats: [gif]}"),
+            "backends.up.capabilities.output_formats[0]",
+            "must be one of 'png', 'jpeg', 'webp'",
+        ),
+        (
+            lambda d: d.replace("quality: 0.7", "quality: 0.7\n    capabilities: {output_formats: []}"),
+            "backends.up.capabilities",
+            "at least one format",
+        ),
+        (
+            lambda d: d.replace("quality: 0.7", "quality: 0.7\n    capabilities: {seed: maybe}"),
+            "backends.up.capabilities.seed",
+            "true or false",
+        ),
+        (
+            lambda d: d.replace("{quality_floor: 0.5,", "{name: gold, quality_floor: 0.5,"),
+            "tiers.standard.name",
+            "unknown key",
+        ),
         (lambda d: "server: {startup_wait_s: -1}\n" + d, "server.startup_wait_s", "0 or more"),
     ],
 )
@@ -150,11 +175,14 @@ def local_config(options: str = "{decoder: taesd}", unlisted: str = "eager", cap
     return load_config_text(text, "local.yaml")
 
 
-@pytest.mark.parametrize(("options", "path", "reason"), [
-    ("{decoder: tiny}", "routes[0].candidates[0].options.decoder", "must be one of 'full', 'taesd', got 'tiny'"),
-    ("{decodr: taesd}", "routes[0].candidates[0].options.decodr", "unknown key (allowed: decoder)"),
-    ("{decoder: 3}", "routes[0].candidates[0].options.decoder", "must be one of 'full', 'taesd'"),
-])
+@pytest.mark.parametrize(
+    ("options", "path", "reason"),
+    [
+        ("{decoder: tiny}", "routes[0].candidates[0].options.decoder", "must be one of 'full', 'taesd', got 'tiny'"),
+        ("{decodr: taesd}", "routes[0].candidates[0].options.decodr", "unknown key (allowed: decoder)"),
+        ("{decoder: 3}", "routes[0].candidates[0].options.decoder", "must be one of 'full', 'taesd'"),
+    ],
+)
 def test_route_options_are_typed_and_checked_at_load(options, path, reason):
     with pytest.raises(ConfigError) as err:
         local_config(options)
@@ -181,13 +209,11 @@ def test_imagegate_check_names_file_key_and_allowed_values(tmp_path, capsys):
 class HookedBackend:
     """A backend class with the config-time hooks, to test the mechanism apart from any real backend."""
 
-    from dataclasses import dataclass as _dataclass
-
-    @_dataclass(frozen=True)
+    @dataclass(frozen=True)
     class Settings:
         styles: tuple[str, ...] = ("plain",)
 
-    @_dataclass(frozen=True)
+    @dataclass(frozen=True)
     class Options:
         style: str = "plain"
 
@@ -208,7 +234,9 @@ routes:
   - name: r
     candidates: [{backend: h, options: {style: STYLE}}]
 """
-    assert load_config_text(doc.replace("STYLE", "sketch"), "h.yaml").routes[0].candidates[0].options == {"style": "sketch"}
+    assert load_config_text(doc.replace("STYLE", "sketch"), "h.yaml").routes[0].candidates[0].options == {
+        "style": "sketch"
+    }
     with pytest.raises(ConfigError) as err:
         load_config_text(doc.replace("STYLE", "oil"), "h.yaml")
     assert err.value.path == "routes[0].candidates[0].options"

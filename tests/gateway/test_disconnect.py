@@ -63,7 +63,8 @@ class SlowBackend:
             with clock.waiting():
                 if self.delay is None:
                     await asyncio.Event().wait()  # only a cancellation ends this
-                await asyncio.sleep(self.delay)
+                else:
+                    await asyncio.sleep(self.delay)
         except asyncio.CancelledError:
             self.outcomes.append("cancelled")
             self.cancelled.set()
@@ -84,8 +85,10 @@ def test_client_disconnect_cancels_the_backend() -> None:
     with serve_app(app) as base:
         port = int(base.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            sock.sendall(
+                b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
             assert backend.started.wait(30), "the request never reached the backend"
         # The client has gone while the backend works. The watcher (started WATCH_AFTER_S into the dispatch)
         # finds the disconnect and cancels the work: the wait below ends then, however long that takes.

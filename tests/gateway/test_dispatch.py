@@ -46,12 +46,16 @@ class Scripted:
     Settings = object
 
     def __init__(self, spec: BackendSpec, actions: list) -> None:
-        self.spec, self.actions, self.calls = spec, actions, []
+        self.spec, self.actions = spec, actions
+        self.calls: list[ImageRequest] = []
 
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
-    def ready(self) -> bool: return True
-    def load(self) -> Load: return Load()
+    def ready(self) -> bool:
+        return True
+
+    def load(self) -> Load:
+        return Load()
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
         self.calls.append(request)
@@ -81,6 +85,11 @@ def make(a_actions, b_actions):
 
 def req(deadline_s: float = 5.0) -> ImageRequest:
     return ImageRequest(prompt="p", deadline=time.monotonic() + deadline_s)
+
+
+def images(ctx: RequestContext) -> tuple[Image, ...]:
+    assert ctx.result is not None
+    return ctx.result.images
 
 
 async def run(d: Dispatcher, request: ImageRequest) -> RequestContext:
@@ -123,7 +132,7 @@ async def test_terminal_rejection_does_not_fall_back():
 
 
 async def test_per_attempt_timeout_then_fallback():
-    d, backends, _ = make(["hang"], [])
+    d, _, _ = make(["hang"], [])
     served = await run(d, req())
     timing = served.timing
     assert served.backend == "b" and served.attempts[0].outcome == "backend.backend_timeout"
@@ -177,7 +186,7 @@ async def test_time_priced_estimates_learn_billed_seconds_not_latency():
 
 
 async def test_a_full_queue_falls_through_at_once():
-    d, backends, seen = make([BackendQueueFull("a: 9 requests queued", retry_after=0.01)], [])
+    d, backends, _ = make([BackendQueueFull("a: 9 requests queued", retry_after=0.01)], [])
     served = await run(d, req())
     # Not retried in place even though the wait would fit: the next candidate serves now.
     assert served.backend == "b" and len(backends["a"].calls) == 1
@@ -185,11 +194,14 @@ async def test_a_full_queue_falls_through_at_once():
     assert d.stats._live["a"].consecutive_failures == 0  # load, not ill health: no cooldown
 
 
-@pytest.mark.parametrize(("b_error", "retry_after"), [
-    (BackendQueueFull("b: full", retry_after=2.0), 2.0),
-    (BackendOverloaded("b: 429", retry_after=30), 4.0),  # beyond max_retry_after_s: not slept on
-    (BackendQueueFull("b: full"), 4.0),  # no estimate from b: a's
-])
+@pytest.mark.parametrize(
+    ("b_error", "retry_after"),
+    [
+        (BackendQueueFull("b: full", retry_after=2.0), 2.0),
+        (BackendOverloaded("b: 429", retry_after=30), 4.0),  # beyond max_retry_after_s: not slept on
+        (BackendQueueFull("b: full"), 4.0),  # no estimate from b: a's
+    ],
+)
 async def test_everything_busy_is_503_with_the_soonest_wait(b_error, retry_after):
     d, backends, _ = make([BackendQueueFull("a: full", retry_after=4.0)], [b_error])
     with pytest.raises(ImagegateError) as err:
@@ -220,13 +232,13 @@ async def test_unreadable_output_is_the_backends_failure_and_falls_through(bad, 
         # Passed on untouched: the constant-time check on the passthrough path sees a good head and trailer
         # (imaging.framed_as); only a transcode decodes the pixels in between.
         pytest.skip("damage inside the data is found by a full decode only")
-    d, backends, _ = make([BAD_OUTPUTS[bad]], [])
+    d, _, _ = make([BAD_OUTPUTS[bad]], [])
     served = await run(d, dataclass_replace(req(), output_format=fmt))
     assert served.backend == "b" and len(served.attempts) == 1
     assert served.attempts[0].outcome == "backend.backend_protocol_error"
-    with PILImage.open(io.BytesIO(served.result.images[0].as_bytes())) as img:
+    with PILImage.open(io.BytesIO(images(served)[0].as_bytes())) as img:
         img.load()
-        assert img.format == fmt.upper() and served.result.images[0].format == fmt
+        assert img.format == fmt.upper() and images(served)[0].format == fmt
 
 
 async def test_a_good_image_in_the_wanted_format_passes_through_untouched(monkeypatch):
@@ -238,20 +250,20 @@ async def test_a_good_image_in_the_wanted_format_passes_through_untouched(monkey
     good = Image(format="png", b64=b64, revised_prompt="r")
     d, _, _ = make([good, Image(format="jpeg", data=PNG)], [])
     served = await run(d, req())
-    assert served.result.images[0] is good  # same object: base64 text passed on as received
+    assert images(served)[0] is good  # same object: base64 text passed on as received
     # Framed as PNG but labelled jpeg: relabelled, still not decoded.
     served = await run(d, req())
-    assert served.result.images[0].format == "png" and served.result.images[0].data is PNG
+    assert images(served)[0].format == "png" and images(served)[0].data is PNG
 
 
 async def test_other_formats_and_compression_are_transcoded_in_the_attempt():
     d, _, _ = make([], [])
     served = await run(d, dataclass_replace(req(), output_format="webp"))
     assert served.backend == "b" or served.backend == "a"
-    with PILImage.open(io.BytesIO(served.result.images[0].as_bytes())) as img:
+    with PILImage.open(io.BytesIO(images(served)[0].as_bytes())) as img:
         assert img.format == "WEBP" and img.size == (8, 8)
     served = await run(d, dataclass_replace(req(), output_compression=90))
-    with PILImage.open(io.BytesIO(served.result.images[0].as_bytes())) as img:
+    with PILImage.open(io.BytesIO(images(served)[0].as_bytes())) as img:
         assert img.format == "PNG"
 
 
@@ -281,12 +293,16 @@ class Producing:
     Settings = object
 
     def __init__(self, spec: BackendSpec) -> None:
-        self.spec, self.calls = spec, []
+        self.spec = spec
+        self.calls: list[ImageRequest] = []
 
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
-    def ready(self) -> bool: return True
-    def load(self) -> Load: return Load()
+    def ready(self) -> bool:
+        return True
+
+    def load(self) -> Load:
+        return Load()
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
         self.calls.append(request)
@@ -300,13 +316,16 @@ def producing():
     return Dispatcher(cfg, backends, StatsBook(backends, 0, 1)), backends
 
 
-@pytest.mark.parametrize(("produced", "fmt", "compression", "asked"), [
-    (("png", "jpeg", "webp"), "webp", None, "webp"),  # produced: passed through untouched
-    (("png",), "webp", None, "png"),  # not produced: lossless PNG, converted by the gateway
-    (("png", "jpeg", "webp"), "jpeg", 40, "png"),  # a compression: the gateway encodes, from lossless
-    (("webp", "jpeg"), "jpeg", 40, "jpeg"),  # no PNG: the client's format
-    (("webp", "jpeg"), "png", None, "webp"),  # neither: the first produced
-])
+@pytest.mark.parametrize(
+    ("produced", "fmt", "compression", "asked"),
+    [
+        (("png", "jpeg", "webp"), "webp", None, "webp"),  # produced: passed through untouched
+        (("png",), "webp", None, "png"),  # not produced: lossless PNG, converted by the gateway
+        (("png", "jpeg", "webp"), "jpeg", 40, "png"),  # a compression: the gateway encodes, from lossless
+        (("webp", "jpeg"), "jpeg", 40, "jpeg"),  # no PNG: the client's format
+        (("webp", "jpeg"), "png", None, "webp"),  # neither: the first produced
+    ],
+)
 def test_asked_format(produced, fmt, compression, asked):
     caps = Capabilities(output_formats=produced)
     assert asked_format(ImageRequest(prompt="p", output_format=fmt, output_compression=compression), caps) == asked
@@ -317,8 +336,8 @@ async def test_a_backend_is_asked_only_for_a_format_it_produces_and_the_client_g
     ctx = await run(d, dataclass_replace(req(), model="png_only", output_format="webp"))
     sent = backends["png_only"].calls[-1]
     assert (sent.output_format, sent.output_compression) == ("png", None)
-    assert ctx.result.images[0].format == "webp"
-    with PILImage.open(io.BytesIO(ctx.result.images[0].as_bytes())) as img:
+    assert images(ctx)[0].format == "webp"
+    with PILImage.open(io.BytesIO(images(ctx)[0].as_bytes())) as img:
         assert img.format == "WEBP" and img.size == SOURCE.size
 
 
@@ -327,7 +346,7 @@ async def test_a_listed_format_passes_through_as_the_backend_made_it(monkeypatch
     d, backends = producing()
     ctx = await run(d, dataclass_replace(req(), model="any", output_format="jpeg"))
     assert backends["any"].calls[-1].output_format == "jpeg"
-    assert ctx.result.images[0].data == imaging.encode(SOURCE, "jpeg")
+    assert images(ctx)[0].data == imaging.encode(SOURCE, "jpeg")
 
 
 async def test_output_compression_is_applied_once_by_the_gateway():
@@ -336,4 +355,4 @@ async def test_output_compression_is_applied_once_by_the_gateway():
     sent = backends["any"].calls[-1]
     assert (sent.output_format, sent.output_compression) == ("png", None)  # lossless from the backend
     # One lossy encode of the backend's pixels: exactly what encoding the source once gives.
-    assert ctx.result.images[0].data == imaging.encode(SOURCE, "jpeg", 40)
+    assert images(ctx)[0].data == imaging.encode(SOURCE, "jpeg", 40)

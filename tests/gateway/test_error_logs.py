@@ -34,13 +34,19 @@ def _fail_with_the_key(*args: object, **kwargs: object) -> bytes:
 def test_a_500_logs_type_message_and_traceback_without_the_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     stub = OpenAIStub()
     with serve_app(stub) as upstream, json_logs() as sink:
-        config = with_env(lambda: load_config_text(f"""
+        config = with_env(
+            lambda: load_config_text(
+                f"""
 backends:
   up: {{type: openai, settings: {{base_url: "{upstream}/v1", api_key: "${{ERRLOG_KEY}}"}}}}
 routes:
   - name: main
     candidates: [{{backend: up}}]
-""", "errlog.yaml"), {"ERRLOG_KEY": SECRET})
+""",
+                "errlog.yaml",
+            ),
+            {"ERRLOG_KEY": SECRET},
+        )
         logs.set_secrets(config.secrets)  # what the app does at start (see gateway.logs)
         # The dispatcher contains a backend's exceptions (BackendFailed): a real 500 comes from the handler.
         monkeypatch.setattr(api, "render_images", _fail_with_the_key)
@@ -57,8 +63,7 @@ routes:
     assert raised["exc_type"] == "RuntimeError" and cause["exc_type"] == "KeyError" and cause["is_cause"]
     assert raised["frames"][-1]["name"] == "_fail_with_the_key"
     assert raised["frames"][-1]["filename"].endswith("test_error_logs.py")
-    assert any(frame["name"] == "__call__" and frame["filename"].endswith("handler.py")
-               for frame in raised["frames"])
+    assert any(frame["name"] == "__call__" and frame["filename"].endswith("handler.py") for frame in raised["frames"])
     assert all("locals" not in frame for stack in line["traceback"] for frame in stack["frames"])
     assert SECRET not in sink.text()
 

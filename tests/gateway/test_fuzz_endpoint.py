@@ -7,8 +7,10 @@ The backend is a healthy stub, so every answer must be a 2xx or a caller error (
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
+from typing import Any
 
 import httpx
 import orjson
@@ -17,6 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from backends.http import make_client
+from backends.remote import RemoteBackend
 from gateway import api
 from gateway.app import create_app
 from gateway.config import load_config_text
@@ -35,9 +38,42 @@ default_tier: standard
 
 # Text that looks like a number to someone: unicode digits ("²" is str.isdigit(), "٣" is read by int()),
 # doubled signs, separators, whitespace int()/float() would forgive, non-finite and overflowing values.
-SPECIAL = ["--5", "-+5", "²", "³", "¹", "٣", "４", "1_0", "0x10", " 7 ", "\t7", "+7", "-0", "7.", ".5", "5e", "1e400",
-           "-1e400", "1e-400", "nan", "NaN", "inf", "-inf", "Infinity", "9" * 5000, "1" * 400 + "e1", "\xa07", "7\xa0",
-           "\x857", "9223372036854775808", "-9223372036854775809", "18446744073709551616", "1e308", "4,5"]
+SPECIAL = [
+    "--5",
+    "-+5",
+    "²",
+    "³",
+    "¹",
+    "٣",
+    "４",
+    "1_0",
+    "0x10",
+    " 7 ",
+    "\t7",
+    "+7",
+    "-0",
+    "7.",
+    ".5",
+    "5e",
+    "1e400",
+    "-1e400",
+    "1e-400",
+    "nan",
+    "NaN",
+    "inf",
+    "-inf",
+    "Infinity",
+    "9" * 5000,
+    "1" * 400 + "e1",
+    "\xa07",
+    "7\xa0",
+    "\x857",
+    "9223372036854775808",
+    "-9223372036854775809",
+    "18446744073709551616",
+    "1e308",
+    "4,5",
+]
 numberish = st.one_of(
     st.sampled_from(SPECIAL),
     st.from_regex(r"\A[ \t]{0,2}[+-]{0,2}[0-9²³¹٣４]{0,25}(\.[0-9]{0,5})?([eE][+-]?[0-9]{1,5})?[ \t]{0,2}\Z"),
@@ -58,30 +94,59 @@ def _wire(text: str) -> bytes:
 # Header value bytes: no CR, LF or NUL (no server passes those on), anything else from 0x01 to 0xFF.
 raw_value = st.binary(max_size=40).map(lambda b: b.translate(None, b"\r\n\x00"))
 header_value = st.one_of(numberish.map(_wire), st.text(max_size=40).map(_wire), raw_value)
-header_names = sorted(api.HEADER_FIELDS) + ["x-request-id", "content-type"]
+header_names = [*sorted(api.HEADER_FIELDS), "x-request-id", "content-type"]
 headers = st.dictionaries(st.sampled_from([*header_names, "content-length"]), header_value, max_size=5)
 
 json_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1),
-              st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=30), numberish),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**63), 2**64 - 1),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=30),
+        numberish,
+    ),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=10), inner, max_size=3)),
     max_leaves=10,
 )
-fields = st.sampled_from(["prompt", "n", "size", "model", "tier", "seed", "steps", "quality", "response_format",
-                          "output_format", "output_compression", "guidance_scale", "max_cost_usd", "stream",
-                          "negative_prompt", "user"])
+fields = st.sampled_from(
+    [
+        "prompt",
+        "n",
+        "size",
+        "model",
+        "tier",
+        "seed",
+        "steps",
+        "quality",
+        "response_format",
+        "output_format",
+        "output_compression",
+        "guidance_scale",
+        "max_cost_usd",
+        "stream",
+        "negative_prompt",
+        "user",
+    ]
+)
 bodies = st.one_of(
     st.binary(max_size=300),
     st.dictionaries(fields, json_values, max_size=6).map(orjson.dumps),
-    st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=20)},
-                          optional={"n": st.integers(-3, 30), "size": st.text(max_size=12),
-                                    "seed": st.one_of(st.integers(-2**63, 2**64 - 1), numberish),
-                                    "stream": st.one_of(st.booleans(), st.sampled_from([0, 1, "", [], {}])),
-                                    "tier": st.sampled_from(["standard", "preview", "gold"])}).map(orjson.dumps),
+    st.fixed_dictionaries(
+        {"prompt": st.text(min_size=1, max_size=20)},
+        optional={
+            "n": st.integers(-3, 30),
+            "size": st.text(max_size=12),
+            "seed": st.one_of(st.integers(-(2**63), 2**64 - 1), numberish),
+            "stream": st.one_of(st.booleans(), st.sampled_from([0, 1, "", [], {}])),
+            "tier": st.sampled_from(["standard", "preview", "gold"]),
+        },
+    ).map(orjson.dumps),
     # JSON number literals orjson.dumps cannot write: past 64 bits, past a double's range, odd exponents.
-    st.tuples(st.sampled_from(["n", "seed", "steps", "output_compression", "guidance_scale", "max_cost_usd"]),
-              st.from_regex(r"\A-?(0|[1-9][0-9]{0,40})(\.[0-9]{1,5})?([eE][+-]?[0-9]{1,4})?\Z")).map(
-        lambda kv: b'{"prompt": "a fox", "%s": %s}' % (kv[0].encode(), kv[1].encode())),
+    st.tuples(
+        st.sampled_from(["n", "seed", "steps", "output_compression", "guidance_scale", "max_cost_usd"]),
+        st.from_regex(r"\A-?(0|[1-9][0-9]{0,40})(\.[0-9]{1,5})?([eE][+-]?[0-9]{1,4})?\Z"),
+    ).map(lambda kv: b'{"prompt": "a fox", "%s": %s}' % (kv[0].encode(), kv[1].encode())),
 )
 
 
@@ -106,12 +171,13 @@ def test_arbitrary_requests_get_a_well_formed_answer(body, extra):
     async def run() -> httpx.Response:
         # In place of start(): the backend's client talks to the in-process stub app, not the network.
         backend = app.backends["stub"]
-        backend._client = make_client(backend.spec, transport=httpx.ASGITransport(stub))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as client:
+        assert isinstance(backend, RemoteBackend)
+        backend._client = client = make_client(backend.spec, transport=httpx.ASGITransport(stub))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as gw:
             try:
-                return await client.post("/v1/images/generations", content=body, headers=extra)
+                return await gw.post("/v1/images/generations", content=body, headers=extra)
             finally:
-                await backend._client.aclose()
+                await client.aclose()
 
     resp = asyncio.run(run())
     check_answer(resp.status_code, resp.content, set(resp.headers))
@@ -163,7 +229,7 @@ def exchange(port: int, head: bytes, pieces: list[bytes]) -> tuple[int, dict[str
 def chunked(body: bytes, cuts: list[int]) -> list[bytes]:
     """``body`` in Transfer-Encoding: chunked, cut at ``cuts``; each chunk one write (the terminator too)."""
     bounds = sorted({0, len(body), *(c for c in cuts if 0 < c < len(body))})
-    return [b"%x\r\n%s\r\n" % (b - a, body[a:b]) for a, b in zip(bounds, bounds[1:])] + [b"0\r\n\r\n"]
+    return [b"%x\r\n%s\r\n" % (b - a, body[a:b]) for a, b in itertools.pairwise(bounds)] + [b"0\r\n\r\n"]
 
 
 # On the wire, header values with control characters never reach the app: the parser answers 400 and
@@ -171,15 +237,20 @@ def chunked(body: bytes, cuts: list[int]) -> list[bytes]:
 # every byte from 0x80 to 0xFF (obs-text, read as latin-1), reaches the gateway.
 _CONTROL = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
 raw_headers = st.lists(
-    st.tuples(st.sampled_from(header_names), header_value.map(lambda v: v.translate(None, _CONTROL))), max_size=4)
+    st.tuples(st.sampled_from(header_names), header_value.map(lambda v: v.translate(None, _CONTROL))), max_size=4
+)
 
 
 _PROMPT = b'{"prompt": "a fox"}'
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(body=bodies, cuts=st.lists(st.integers(0, 400), max_size=6), framing=st.sampled_from(["chunked", "length"]),
-       extra=raw_headers)
+@given(
+    body=bodies,
+    cuts=st.lists(st.integers(0, 400), max_size=6),
+    framing=st.sampled_from(["chunked", "length"]),
+    extra=raw_headers,
+)
 # The classes the hostile pass found (each a 500 before): raw latin-1 digits in headers, doubled signs, and
 # the same in the body.
 @example(body=_PROMPT, cuts=[], framing="length", extra=[("x-imagegate-seed", b"\xb2")])
@@ -197,7 +268,7 @@ def test_raw_requests_over_a_socket_get_a_well_formed_answer(gateway_port, body,
     else:
         head.append(b"Content-Length: %d" % len(body))
         bounds = sorted({0, len(body), *(c for c in cuts if 0 < c < len(body))})
-        pieces = [body[a:b] for a, b in zip(bounds, bounds[1:])]
+        pieces = [body[a:b] for a, b in itertools.pairwise(bounds)]
     status, answer_headers, content = exchange(gateway_port, b"\r\n".join(head) + b"\r\n\r\n", pieces)
     check_answer(status, content, set(answer_headers))
 
@@ -206,8 +277,10 @@ def test_a_chunked_body_over_the_limit_is_refused_even_when_it_arrives_whole(gat
     """A chunked body has no Content-Length to check up front, and when it is all there before the handler
     first asks, the server hands it over in one message: the cap must still apply (issue 8, item 4)."""
     body = orjson.dumps({"prompt": "a fox " * 500})  # 3000 bytes; the limit is 2048
-    head = (b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    head = (
+        b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
     status, _, content = exchange(gateway_port, head + b"".join(chunked(body, [])), [])
     assert status == 413 and orjson.loads(content)["error"]["code"] == "payload_too_large"
     # Cut into small chunks, sent one by one: refused as well.
@@ -221,24 +294,30 @@ def test_a_body_over_the_limit_in_one_asgi_message_is_refused():
     cfg = load_config_text(CONFIG.replace("BASE", "http://stub.invalid/v1"), "fuzz")
     app = create_app(cfg)
     body = orjson.dumps({"prompt": "a fox " * 500})
-    sent: list[dict] = []
+    sent: list[MutableMapping[str, Any]] = []
 
     async def receive() -> dict:
         return {"type": "http.request", "body": body, "more_body": False}
 
-    async def send(message: dict) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     async def run() -> None:
         backend = app.backends["stub"]  # a healthy backend: before the fix, the request is simply served
-        backend._client = make_client(backend.spec, transport=httpx.ASGITransport(OpenAIStub()))
+        assert isinstance(backend, RemoteBackend)
+        backend._client = client = make_client(backend.spec, transport=httpx.ASGITransport(OpenAIStub()))
         try:
             await app.generations(scope, receive, send)
         finally:
-            await backend._client.aclose()
+            await client.aclose()
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/images/generations", "scheme": "http",
-             "headers": [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")],
-             "server": ("127.0.0.1", 8000)}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/images/generations",
+        "scheme": "http",
+        "headers": [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")],
+        "server": ("127.0.0.1", 8000),
+    }
     asyncio.run(run())
     assert sent[0]["status"] == 413

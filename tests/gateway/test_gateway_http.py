@@ -27,7 +27,8 @@ SECRET = "sk-test-SECRET-0123456789abcdef"
 
 
 def config(bad_url: str, good_url: str, *, extra: str = "", strategy: str = "fallback", cooldown: int = 0):
-    return load_config_text(f"""
+    return load_config_text(
+        f"""
 server: {{max_body_bytes: 4096, default_deadline_s: 20, max_retries: 1, retry_backoff_s: 0.01,
           timing_allow_origin: "*", cooldown_failures: {cooldown}, cooldown_s: 30}}
 backends:
@@ -54,7 +55,9 @@ routes:
     candidates: [{{backend: bad}}, {{backend: good}}]
 default_tier: standard
 {extra}
-""", "test-routes.yaml")
+""",
+        "test-routes.yaml",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +69,7 @@ def stubs():
 
 @pytest.fixture(scope="module")
 def gateway(stubs):
-    bad, bad_url, good, good_url = stubs
+    _, bad_url, _, good_url = stubs
     with serve_gateway(config(bad_url, good_url)) as base:
         yield base
 
@@ -194,11 +197,9 @@ def test_success_headers_and_body(gateway, stubs):
     assert PILImage.open(io.BytesIO(base64.b64decode(data[0]["b64_json"]))).format == "PNG"
 
 
-@pytest.mark.parametrize(
-    "failure", ["status:500", "status:503", "retry-after:0", "hang:1.0", "badjson", "status:401"]
-)
+@pytest.mark.parametrize("failure", ["status:500", "status:503", "retry-after:0", "hang:1.0", "badjson", "status:401"])
 def test_falls_back_on_each_retryable_failure(gateway, stubs, failure):
-    bad, _, good, _ = stubs
+    bad, _, _, _ = stubs
     bad.script.extend([failure, failure])
     resp = post(gateway, {"prompt": "a cat", "size": "512x512"})
     assert resp.status_code == 200, resp.text
@@ -218,13 +219,13 @@ def test_retry_after_is_honoured_on_the_same_backend(gateway, stubs):
 
 
 def test_connection_refused_and_reset_mid_body_fall_back(stubs):
-    _, _, good, good_url = stubs
+    _, _, _, good_url = stubs
     dead = f"http://127.0.0.1:{free_port()}"
     with serve_gateway(config(dead, good_url)) as base:
         resp = post(base, {"prompt": "a cat"})
         assert resp.status_code == 200 and resp.headers["x-backend"] == "good"
         assert resp.headers["x-attempts"] == "3"  # refused twice (connect errors are safe to retry), then good
-    lie = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5000\r\n\r\n{\"data\": ["
+    lie = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5000\r\n\r\n{"data": ['
     with serve_raw(lie) as liar, serve_gateway(config(liar, good_url)) as base:
         resp = post(base, {"prompt": "a cat"})
         assert resp.status_code == 200 and resp.headers["x-backend"] == "good"
@@ -320,8 +321,11 @@ def test_openai_sdk_talks_to_the_gateway(gateway):
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Prometheus text → {(sample name, sorted labels): value}."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_metrics_count_requests_attempts_and_spend(stubs):
@@ -342,8 +346,11 @@ def test_metrics_count_requests_attempts_and_spend(stubs):
 
     assert value("imagegate_requests_total", route="main", backend="bad", outcome="ok") == 3.0
     assert value("imagegate_requests_total", route="main", backend="good", outcome="ok") == 1.0
-    failures = {labels: v for (name, labels), v in got.items()
-                if name == "imagegate_requests_total" and ("outcome", "ok") not in labels}
+    failures = {
+        labels: v
+        for (name, labels), v in got.items()
+        if name == "imagegate_requests_total" and ("outcome", "ok") not in labels
+    }
     assert list(failures.values()) == [1.0]
     assert dict(next(iter(failures)))["backend"] == "none" and dict(next(iter(failures)))["route"] == "main"
     assert value("imagegate_backend_attempts_total", backend="bad", outcome="ok") == 3.0
@@ -390,7 +397,7 @@ def test_health_models_config_endpoints(gateway):
 
 
 def test_repeated_failures_cool_a_backend_down(stubs):
-    bad, bad_url, good, good_url = stubs
+    bad, bad_url, _, good_url = stubs
     with serve_gateway(config(bad_url, good_url, cooldown=2)) as base:
         bad.script.extend(["status:500"] * 4)
         for _ in range(2):

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from backends.http import make_client
+from backends.remote import RemoteBackend
 from gateway.app import create_app
 from gateway.config import load_config_text
 from gateway.images import DirectoryImageStore, MemoryImageStore, open_store
@@ -39,8 +40,7 @@ def config(base: str, *, public: str | None = None, image_dir: str | None = None
 def test_links_ignore_the_host_header_and_point_at_the_bound_address() -> None:
     stub = OpenAIStub()
     with serve_app(stub) as upstream, serve_gateway(config(upstream)) as base:
-        r = httpx.post(base + "/v1/images/generations", json=URL_REQUEST,
-                       headers={"Host": "attacker.example:666"})
+        r = httpx.post(base + "/v1/images/generations", json=URL_REQUEST, headers={"Host": "attacker.example:666"})
         assert r.status_code == 200
         url = r.json()["data"][0]["url"]
         assert url.startswith(base + "/v1/images/files/"), url
@@ -49,19 +49,24 @@ def test_links_ignore_the_host_header_and_point_at_the_bound_address() -> None:
 
 
 def test_links_use_public_url_when_configured() -> None:
-    with serve_app(OpenAIStub()) as upstream, \
-            serve_gateway(config(upstream, public="https://images.example.com/gw/")) as base:
+    with (
+        serve_app(OpenAIStub()) as upstream,
+        serve_gateway(config(upstream, public="https://images.example.com/gw/")) as base,
+    ):
         r = httpx.post(base + "/v1/images/generations", json=URL_REQUEST, headers={"Host": "attacker.example"})
         url = r.json()["data"][0]["url"]
         assert url.startswith("https://images.example.com/gw/v1/images/files/")
         assert httpx.get(base + url.removeprefix("https://images.example.com/gw")).status_code == 200
 
 
-@pytest.mark.parametrize(("server", "expected"), [
-    (("10.1.2.3", 8080), "http://10.1.2.3:8080"),
-    (("::1", 8000), "http://[::1]:8000"),
-    (None, "http://127.0.0.1:8000"),  # a Unix socket: the configured address
-])
+@pytest.mark.parametrize(
+    ("server", "expected"),
+    [
+        (("10.1.2.3", 8080), "http://10.1.2.3:8080"),
+        (("::1", 8000), "http://[::1]:8000"),
+        (None, "http://127.0.0.1:8000"),  # a Unix socket: the configured address
+    ],
+)
 def test_base_url_from_the_servers_own_address(server, expected) -> None:
     app = create_app(config("http://stub.invalid"))
     scope = {"type": "http", "scheme": "http", "server": server, "headers": [(b"host", b"attacker.example:666")]}
@@ -134,15 +139,18 @@ def test_two_gateways_sharing_a_directory_serve_each_others_links(tmp_path) -> N
 
     async def run() -> tuple[httpx.Response, httpx.Response]:
         backend = first.backends["stub"]
-        backend._client = make_client(backend.spec, transport=httpx.ASGITransport(stub))
+        assert isinstance(backend, RemoteBackend)
+        backend._client = client = make_client(backend.spec, transport=httpx.ASGITransport(stub))
         try:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(first), base_url="http://gw") as a, \
-                    httpx.AsyncClient(transport=httpx.ASGITransport(second), base_url="http://gw") as b:
+            async with (
+                httpx.AsyncClient(transport=httpx.ASGITransport(first), base_url="http://gw") as a,
+                httpx.AsyncClient(transport=httpx.ASGITransport(second), base_url="http://gw") as b,
+            ):
                 made = await a.post("/v1/images/generations", json=URL_REQUEST)
                 path = httpx.URL(made.json()["data"][0]["url"]).path
                 return made, await b.get(path)
         finally:
-            await backend._client.aclose()
+            await client.aclose()
 
     made, served = asyncio.run(run())
     assert made.status_code == 200

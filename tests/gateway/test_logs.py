@@ -37,8 +37,15 @@ def _uvicorn_loggers_as_with_log_config_none() -> Iterator[None]:
     """The uvicorn loggers as ``uvicorn.Config(log_config=None, log_level="warning")`` leaves them: no
     handlers, propagating. Other tests' servers run uvicorn's default config, which gives ``uvicorn`` a
     stderr handler and stops propagation for the rest of the session; put back as it was after."""
-    saved = [(logging.getLogger(n), logging.getLogger(n).handlers[:], logging.getLogger(n).propagate,
-              logging.getLogger(n).level) for n in _UVICORN]
+    saved = [
+        (
+            logging.getLogger(n),
+            logging.getLogger(n).handlers[:],
+            logging.getLogger(n).propagate,
+            logging.getLogger(n).level,
+        )
+        for n in _UVICORN
+    ]
     for logger, _, _, _ in saved:
         logger.handlers, logger.propagate, logger.level = [], True, logging.NOTSET
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
@@ -181,9 +188,22 @@ class _RecordNames(logging.Handler):
 
 
 def test_our_lines_keep_their_fast_path_and_format_and_share_the_stream_whole() -> None:
-    fields = {"request_id": "req-1", "route": "main", "backend": "up", "outcome": "ok", "status": 200,
-              "attempts": 1, "total_ms": 12.5, "gateway_ms": 0.2, "backend_ms": 12.3, "cost_usd": 0.002,
-              "images": 1, "size": "256x256", "n": 1, "tier": "preview"}
+    fields = {
+        "request_id": "req-1",
+        "route": "main",
+        "backend": "up",
+        "outcome": "ok",
+        "status": 200,
+        "attempts": 1,
+        "total_ms": 12.5,
+        "gateway_ms": 0.2,
+        "backend_ms": 12.3,
+        "cost_usd": 0.002,
+        "images": 1,
+        "size": "256x256",
+        "n": 1,
+        "tier": "preview",
+    }
     stream, seen = _ChoppyFile(), _RecordNames()
     with logs.isolated(), _uvicorn_loggers_as_with_log_config_none():
         logs.configure(json=True)
@@ -215,8 +235,7 @@ def test_our_lines_keep_their_fast_path_and_format_and_share_the_stream_whole() 
     assert len(ours_raw) == 300 and sum(entry.get("logger") == "uvicorn.error" for entry in parsed) == 300
     # The access line exactly as before: its fields in order, then event, level, timestamp; compact orjson.
     entry = orjson.loads(ours_raw[0])
-    assert ours_raw[0] == orjson.dumps({**fields, "event": "request", "level": "info",
-                                        "timestamp": entry["timestamp"]})
+    assert ours_raw[0] == orjson.dumps({**fields, "event": "request", "level": "info", "timestamp": entry["timestamp"]})
 
 
 def test_configure_twice_keeps_one_handler_and_isolated_undoes_it() -> None:
@@ -241,8 +260,9 @@ def test_presets_log_through_structlog(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(presets, "_preset", lambda name, **kw: SimpleNamespace(source=f"random {name}"))
     monkeypatch.setattr(presets, "verify_components", lambda *args, **kw: None)
     with structlog.testing.capture_logs() as captured:
-        presets.load_components(preset="tiny", model=None, taesd=None, device="cpu", dtype=torch.float32,
-                                vae_dtype=torch.float32)
+        presets.load_components(
+            preset="tiny", model=None, taesd=None, device="cpu", dtype=torch.float32, vae_dtype=torch.float32
+        )
     assert [(e["event"], e["log_level"]) for e in captured] == [("local_sdxl.load_progress", "info")] * 2
     assert captured[0]["step"].startswith("building preset tiny on cpu")
     assert captured[1]["step"].startswith("components ready in") and "random tiny" in captured[1]["step"]
@@ -254,13 +274,16 @@ def test_uvicorn_as_served_logs_through_our_handler(sink: LogSink) -> None:
 
     from gateway.server import uvicorn_settings
 
-    config = load_config_text("""
+    config = load_config_text(
+        """
 backends:
   up: {type: openai, settings: {base_url: "http://127.0.0.1:9/v1"}}
 routes:
   - name: main
     candidates: [{backend: up}]
-""", "served.yaml")
+""",
+        "served.yaml",
+    )
     uvicorn.Config(lambda scope, receive, send: None, **uvicorn_settings(config))  # configures logging
     logging.getLogger("uvicorn.error").warning("Invalid HTTP request received.")
     assert _only(sink, "uvicorn.error")["event"] == "Invalid HTTP request received."

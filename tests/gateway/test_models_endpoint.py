@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from backends.base import Load
+from backends.base import ImageRequest, ImageResult, Load, StageClock
 from gateway.app import create_app
 from gateway.config import DEFAULT_CONFIG, load_config
 
@@ -14,13 +14,21 @@ KEYS = ("FAL_KEY", "REPLICATE_API_TOKEN", "OPENAI_API_KEY")
 
 
 class Idle:
+    Settings = object
+
     def __init__(self, spec) -> None:
         self.spec = spec
 
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
-    def ready(self) -> bool: return True
-    def load(self) -> Load: return Load()
+    def ready(self) -> bool:
+        return True
+
+    def load(self) -> Load:
+        return Load()
+
+    async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
+        raise AssertionError("/v1/models generates nothing")
 
 
 async def models(config) -> dict:

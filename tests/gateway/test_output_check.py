@@ -42,8 +42,11 @@ class Fixed:
 
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
-    def ready(self) -> bool: return True
-    def load(self) -> Load: return Load()
+    def ready(self) -> bool:
+        return True
+
+    def load(self) -> Load:
+        return Load()
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
         self.calls += 1
@@ -67,8 +70,9 @@ async def test_bad_output_falls_through_to_the_next_backend(bad, output_format):
     second = Fixed(config.backends["second"].spec, Image(format="png", data=GOOD))
     app = create_app(config, backends={"first": first, "second": second})
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
-        response = await client.post("/v1/images/generations",
-                                      json={"prompt": "a fox", "size": "48x48", "output_format": output_format})
+        response = await client.post(
+            "/v1/images/generations", json={"prompt": "a fox", "size": "48x48", "output_format": output_format}
+        )
     assert response.status_code == 200, response.text
     assert response.headers["x-backend"] == "second" and response.headers["x-attempts"] == "2"
     assert first.calls == 1 and second.calls == 1
@@ -105,16 +109,19 @@ def test_the_passthrough_check_knows_each_format_and_its_truncation(fmt):
         assert quick_format(form(data[:-7])) is None  # truncated
         assert quick_format(form(data + b"\x00")) is None  # trailing bytes
         if fmt == "webp":  # the only format whose header states its length (PNG and JPEG: a full decode)
-            assert quick_format(form(data[: len(data) // 2] + data[len(data) // 2 + 5:])) is None  # spliced
+            assert quick_format(form(data[: len(data) // 2] + data[len(data) // 2 + 5 :])) is None  # spliced
 
 
 PADDED = next(d for d in (png(96) for _ in range(50)) if len(d) % 3)  # its base64 ends with "="
 
 
-@pytest.mark.parametrize("text", [
-    pytest.param(base64.encodebytes(PADDED).decode(), id="base64 with line breaks"),
-    pytest.param(base64.b64encode(PADDED).decode().rstrip("="), id="base64 without padding"),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(base64.encodebytes(PADDED).decode(), id="base64 with line breaks"),
+        pytest.param(base64.b64encode(PADDED).decode().rstrip("="), id="base64 without padding"),
+    ],
+)
 def test_unusual_but_good_base64_is_accepted_not_failed(text):
     from backends.imaging import conform, quick_format
 

@@ -22,27 +22,27 @@ LITERALS = {
     "option": "r8_routeOptionLiteral0002",
 }
 CONFIG = f"""
-server: {{public_url: "https://gw:{LITERALS['userinfo']}@images.example.com"}}
+server: {{public_url: "https://gw:{LITERALS["userinfo"]}@images.example.com"}}
 backends:
   up:
     type: openai
-    description: "copy of the key: {ENV['RD_KEY']}"
+    description: "copy of the key: {ENV["RD_KEY"]}"
     settings:
-      base_url: "https://proxy-user:{LITERALS['userinfo']}@proxy.example.com/v1?api_key={LITERALS['query']}&region=eu"
+      base_url: "https://proxy-user:{LITERALS["userinfo"]}@proxy.example.com/v1?api_key={LITERALS["query"]}&region=eu"
       api_key: "${{RD_KEY}}"
       model: gpt-image-1
       extra_headers:
-        X-Org-Id: "{LITERALS['header']}"
+        X-Org-Id: "{LITERALS["header"]}"
         Authorization: "Bearer ${{RD_TOKEN}}"
-        X-Fallback: "${{RD_UNSET:-{LITERALS['default']}}}"
+        X-Fallback: "${{RD_UNSET:-{LITERALS["default"]}}}"
       extra_body:
         style: vivid
         moderation: low
         lora: flux-1.1-pro-ultra-raw-v2
         seed_offset: 3
-        provider_api_token: "{LITERALS['body_named']}"
-        auth: "{LITERALS['body_prefixed']}"
-        webhook: "{LITERALS['body_random']}"
+        provider_api_token: "{LITERALS["body_named"]}"
+        auth: "{LITERALS["body_prefixed"]}"
+        webhook: "{LITERALS["body_random"]}"
         reference: "${{RD_TOKEN}}"
   proxied:
     type: openai
@@ -52,7 +52,7 @@ backends:
     settings:
       api_token: "${{RD_TOKEN}}"
       version: 7762fd07cf82c948538e41f63f77d685e02b063e37e496e96eefd46c929f9bdc
-      extra_input: {{hf_token_value: "{LITERALS['input_token']}", scheduler: K_EULER}}
+      extra_input: {{hf_token_value: "{LITERALS["input_token"]}", scheduler: K_EULER}}
   kserve:
     type: triton
     settings:
@@ -63,7 +63,10 @@ backends:
       headers: {{X-Tenant: tenant-a-0001}}
 routes:
   - name: main
-    candidates: [{{backend: up}}, {{backend: proxied}}, {{backend: hosted, options: {{input: {{key: "{LITERALS['option']}"}}}}}}]
+    candidates:
+      - {{backend: up}}
+      - {{backend: proxied}}
+      - {{backend: hosted, options: {{input: {{key: "{LITERALS["option"]}"}}}}}}
 """
 
 
@@ -88,16 +91,28 @@ def test_what_users_need_to_see_stays(view: dict) -> None:
     assert up["api_key"] == "${RD_KEY}"
     assert up["base_url"] == f"https://{REDACTED}@proxy.example.com/v1?api_key={REDACTED}&region=eu"
     assert view["server"]["public_url"] == f"https://{REDACTED}@images.example.com"
-    assert view["backends"]["proxied"]["settings"]["base_url"] == \
-        "https://${RD_PROXY_USER:-gw}:${RD_PROXY_PASS}@proxy.example.com/v1"  # only references: shown
+    assert (
+        view["backends"]["proxied"]["settings"]["base_url"]
+        == "https://${RD_PROXY_USER:-gw}:${RD_PROXY_PASS}@proxy.example.com/v1"
+    )  # only references: shown
     assert view["backends"]["up"]["description"] == f"copy of the key: {REDACTED}"
     # Header names are shown, values only as references.
-    assert up["extra_headers"] == {"X-Org-Id": REDACTED, "Authorization": "Bearer ${RD_TOKEN}",
-                                   "X-Fallback": f"${{RD_UNSET:-{REDACTED}}}"}
+    assert up["extra_headers"] == {
+        "X-Org-Id": REDACTED,
+        "Authorization": "Bearer ${RD_TOKEN}",
+        "X-Fallback": f"${{RD_UNSET:-{REDACTED}}}",
+    }
     # Model options stay readable; credentials in the same map do not.
-    assert up["extra_body"] == {"style": "vivid", "moderation": "low", "lora": "flux-1.1-pro-ultra-raw-v2",
-                                "seed_offset": 3, "provider_api_token": REDACTED, "auth": REDACTED,
-                                "webhook": REDACTED, "reference": "${RD_TOKEN}"}
+    assert up["extra_body"] == {
+        "style": "vivid",
+        "moderation": "low",
+        "lora": "flux-1.1-pro-ultra-raw-v2",
+        "seed_offset": 3,
+        "provider_api_token": REDACTED,
+        "auth": REDACTED,
+        "webhook": REDACTED,
+        "reference": "${RD_TOKEN}",
+    }
     hosted = view["backends"]["hosted"]["settings"]
     assert hosted["version"] == "7762fd07cf82c948538e41f63f77d685e02b063e37e496e96eefd46c929f9bdc"
     assert hosted["extra_input"] == {"hf_token_value": REDACTED, "scheduler": "K_EULER"}
@@ -106,17 +121,27 @@ def test_what_users_need_to_see_stays(view: dict) -> None:
     assert view["routes"][0]["candidates"][2] == {"backend": "hosted", "options": {"input": {"key": REDACTED}}}
 
 
-@pytest.mark.parametrize(("text", "secret"), [
-    ("Zx81kQ7vTq3LmN9pW2rY", True), ("3f1c2b4e9a7d6c5b8e0f1a2b3c4d5e6f", True), ("sk-short", True),
-    ("AKIAIOSFODNN7EXAMPLE", True), ("Bearer abc", True),
-    ("flux-1.1-pro-ultra-raw-v2", False), ("stabilityai/stable-diffusion-xl-base-1.0", False),
-    ("a watercolor of a fox, 4k", False), ("DPMSolverMultistep", False), ("https://example.com/x1y2z3a4b5c6", False),
-    ("12345678901234567890123", False),
-])
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("Zx81kQ7vTq3LmN9pW2rY", True),
+        ("3f1c2b4e9a7d6c5b8e0f1a2b3c4d5e6f", True),
+        ("sk-short", True),
+        ("AKIAIOSFODNN7EXAMPLE", True),
+        ("Bearer abc", True),
+        ("flux-1.1-pro-ultra-raw-v2", False),
+        ("stabilityai/stable-diffusion-xl-base-1.0", False),
+        ("a watercolor of a fox, 4k", False),
+        ("DPMSolverMultistep", False),
+        ("https://example.com/x1y2z3a4b5c6", False),
+        ("12345678901234567890123", False),
+    ],
+)
 def test_looks_like_credential(text: str, secret: bool) -> None:
     assert looks_like_credential(text) is secret
 
 
 def test_short_environment_values_do_not_garble_the_view() -> None:
-    assert redact_config({"server": {"host": "http://127.0.0.1:8000"}}, ("1", "8000x")) == \
-        {"server": {"host": "http://127.0.0.1:8000"}}
+    assert redact_config({"server": {"host": "http://127.0.0.1:8000"}}, ("1", "8000x")) == {
+        "server": {"host": "http://127.0.0.1:8000"}
+    }

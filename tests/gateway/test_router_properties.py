@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import backends.openai_compat  # noqa: F401 - httpx touches `random` at import: not inside a strategy
 from backends.base import ImageRequest
 from backends.errors import BudgetExceeded, NoCapableBackend
-from gateway.config import load_config_text
+from gateway.config import Config, load_config_text
 from gateway.router import BackendStats, plan
 
 NAMES = ("a", "b", "c", "d")
@@ -35,7 +35,7 @@ class Generated:
 
 @dataclass(frozen=True)
 class Case:
-    config: object
+    config: Config
     request: ImageRequest
     stats: dict[str, BackendStats]
     budget: float | None
@@ -52,10 +52,14 @@ def scenario(draw) -> Case:
     for name in NAMES:
         kind = draw(st.one_of(st.none(), st.sampled_from(["per_image", "per_megapixel", "per_step"])))
         price = float(f"{draw(st.floats(0.0001, 1.0)):.4f}")
-        g = Generated(quality=float(f"{draw(st.floats(0, 1)):.2f}"), price_kind=kind, price=price,
-                      sizes=tuple(draw(st.lists(st.sampled_from(["512x512", "1024x1024", "768x1344"]), max_size=2,
-                                                unique=True))),
-                      max_n=draw(st.integers(1, 4)), max_steps=draw(st.integers(4, 60)))
+        g = Generated(
+            quality=float(f"{draw(st.floats(0, 1)):.2f}"),
+            price_kind=kind,
+            price=price,
+            sizes=tuple(draw(st.lists(st.sampled_from(["512x512", "1024x1024", "768x1344"]), max_size=2, unique=True))),
+            max_n=draw(st.integers(1, 4)),
+            max_steps=draw(st.integers(4, 60)),
+        )
         generated[name] = g
         cost = f"{{{kind}: {price:.4f}}}" if kind else "{}"
         lines.append(
@@ -67,17 +71,28 @@ def scenario(draw) -> Case:
     cands = draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=4, unique=True))
     floor = float(f"{draw(st.floats(0, 1)):.2f}")
     candidates = ", ".join(f"{{backend: {c}}}" for c in cands)
-    lines += [f"tiers: {{t: {{quality_floor: {floor:.2f}, latency_budget_s: {LATENCY_BUDGET_S}}}}}", "routes:",
-              f"  - {{name: r, strategy: {strategy}, candidates: [{candidates}]}}", "default_tier: t"]
+    lines += [
+        f"tiers: {{t: {{quality_floor: {floor:.2f}, latency_budget_s: {LATENCY_BUDGET_S}}}}}",
+        "routes:",
+        f"  - {{name: r, strategy: {strategy}, candidates: [{candidates}]}}",
+        "default_tier: t",
+    ]
     cfg = load_config_text("\n".join(lines), "generated")
     # Listed sizes, unlisted ones, and ones past the default 2048 limit or off the multiple of 8 (for sizes: []).
-    w, h = draw(st.sampled_from([(512, 512), (1024, 1024), (768, 1344), (640, 640), (2056, 512), (516, 512),
-                                 (512, 516)]))
-    request = ImageRequest(prompt="p", width=w, height=h, n=draw(st.integers(1, 4)),
-                           steps=draw(st.one_of(st.none(), st.integers(1, 60))))
-    stats = {name: BackendStats(ready=draw(st.booleans()), est_wait_s=draw(st.floats(0, 10)),
-                                ewma_latency_s=draw(st.one_of(st.none(), st.floats(0.01, 30))))
-             for name in NAMES}
+    w, h = draw(
+        st.sampled_from([(512, 512), (1024, 1024), (768, 1344), (640, 640), (2056, 512), (516, 512), (512, 516)])
+    )
+    request = ImageRequest(
+        prompt="p", width=w, height=h, n=draw(st.integers(1, 4)), steps=draw(st.one_of(st.none(), st.integers(1, 60)))
+    )
+    stats = {
+        name: BackendStats(
+            ready=draw(st.booleans()),
+            est_wait_s=draw(st.floats(0, 10)),
+            ewma_latency_s=draw(st.one_of(st.none(), st.floats(0.01, 30))),
+        )
+        for name in NAMES
+    }
     budget = draw(st.one_of(st.none(), st.floats(0.0, 2.0)))
     return Case(cfg, request, stats, budget, generated, tuple(cands), strategy, floor)
 
@@ -157,5 +172,6 @@ def test_plan_matches_an_independent_oracle(case: Case) -> None:
     assert sorted(name for name, _ in p.skipped) == sorted(set(case.route) - set(servable))
     for cand in p.candidates:
         assert cand.est_cost == price(case.backends[cand.backend], case.request)
-        assert (cand.demoted is not None) == (not case.stats[cand.backend].ready
-                                              or case.stats[cand.backend].est_wait_s > LATENCY_BUDGET_S)
+        assert (cand.demoted is not None) == (
+            not case.stats[cand.backend].ready or case.stats[cand.backend].est_wait_s > LATENCY_BUDGET_S
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -40,19 +41,35 @@ ENV = {
 }
 
 
-def settings_for(type_name: str, upstream: str) -> dict[str, object]:
+def settings_for(type_name: str, upstream: str) -> dict[str, Any]:
     """Each remote type against the echoing upstream, every secret field from ${ENV}."""
-    return {
-        "openai": {"base_url": f"{upstream}/v1", "api_key": "${SINK_OPENAI_KEY}",
-                   "extra_headers": {"X-Org-Id": "${SINK_OPENAI_HEADER}"}},
-        "replicate": {"api_token": "${SINK_REPLICATE_TOKEN}", "base_url": upstream, "model": "a/b",
-                      "family": "flux_schnell"},
+    settings: dict[str, dict[str, Any]] = {
+        "openai": {
+            "base_url": f"{upstream}/v1",
+            "api_key": "${SINK_OPENAI_KEY}",
+            "extra_headers": {"X-Org-Id": "${SINK_OPENAI_HEADER}"},
+        },
+        "replicate": {
+            "api_token": "${SINK_REPLICATE_TOKEN}",
+            "base_url": upstream,
+            "model": "a/b",
+            "family": "flux_schnell",
+        },
         "cog": {"base_url": upstream, "api_token": "${SINK_COG_TOKEN}", "health_interval": 60},
-        "fal": {"key": "${SINK_FAL_KEY}", "app": "fal-ai/fast-sdxl", "queue_base_url": upstream,
-                "run_base_url": upstream},
-        "triton": {"base_url": upstream, "model": "image", "api_key": "${SINK_TRITON_KEY}",
-                   "headers": {"X-Tenant-Token": "${SINK_TRITON_HEADER}"}},
-    }[type_name]
+        "fal": {
+            "key": "${SINK_FAL_KEY}",
+            "app": "fal-ai/fast-sdxl",
+            "queue_base_url": upstream,
+            "run_base_url": upstream,
+        },
+        "triton": {
+            "base_url": upstream,
+            "model": "image",
+            "api_key": "${SINK_TRITON_KEY}",
+            "headers": {"X-Tenant-Token": "${SINK_TRITON_HEADER}"},
+        },
+    }
+    return settings[type_name]
 
 
 # The embedded SDXL backend runs in-process: it has no credential (model ids and paths only).
@@ -60,8 +77,11 @@ REMOTE_TYPES = sorted(set(registry.BACKEND_TYPES) - {"local_sdxl"})
 
 
 def config_text(upstream: str, ok_upstream: str) -> str:
-    backends = "".join(f"  {t}:\n    type: {t}\n    timeouts: {{connect: 2, read: 5, total: 10}}\n"
-                       f"    settings: {orjson.dumps(settings_for(t, upstream)).decode()}\n" for t in REMOTE_TYPES)
+    backends = "".join(
+        f"  {t}:\n    type: {t}\n    timeouts: {{connect: 2, read: 5, total: 10}}\n"
+        f"    settings: {orjson.dumps(settings_for(t, upstream)).decode()}\n"
+        for t in REMOTE_TYPES
+    )
     return f"""
 server: {{default_deadline_s: 20, max_retries: 0, cooldown_failures: 0}}
 backends:
@@ -80,8 +100,11 @@ routes:
 
 def test_every_secret_field_of_every_remote_type_is_set() -> None:
     for type_name in REMOTE_TYPES:
-        fields = {f.name for f in dataclasses.fields(registry.backend_class(type_name).Settings)
-                  if f.init and _SECRET_FIELD.search(f.name)}
+        fields = {
+            f.name
+            for f in dataclasses.fields(registry.backend_class(type_name).Settings)
+            if f.init and _SECRET_FIELD.search(f.name)
+        }
         configured = settings_for(type_name, "http://127.0.0.1:9")
         assert fields and fields <= set(configured), f"{type_name}: set {sorted(fields - set(configured))} here"
         assert all("${SINK_" in orjson.dumps(configured[f]).decode() for f in fields)
@@ -91,8 +114,9 @@ def _leaks(text: str) -> list[str]:
     return [name for name, value in ENV.items() if value in text]
 
 
-def test_no_secret_in_any_sink(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_secret_in_any_sink(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
     echo, ok = EchoUpstream(), OpenAIStub()
@@ -107,6 +131,7 @@ def test_no_secret_in_any_sink(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
         assert main(["check", str(path)]) == 0
         seen["imagegate check"] = capsys.readouterr().out
         with serve_gateway(config) as gateway:
+
             def call(label: str, model: str) -> httpx.Response:
                 response = post_generation(gateway, {"prompt": "a cat", "model": model})
                 seen[f"{label}: body"] = response.text
@@ -119,13 +144,17 @@ def test_no_secret_in_any_sink(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                 assert response.status_code == 502, response.text
                 assert all(f"{t}: HTTP {status}" in response.text for t in REMOTE_TYPES), response.text
             with monkeypatch.context() as patch:  # a backend bug quoting the key
+
                 def buggy(*args: object, **kwargs: object) -> dict:
                     raise RuntimeError(f"cannot build the body for {' '.join(ENV.values())}")
+
                 patch.setattr(backends.openai_compat, "to_body", buggy)
                 assert call("backend bug", "failing").status_code == 502
             with monkeypatch.context() as patch:  # a gateway bug quoting the key: 500, logged with a traceback
+
                 def broken(*args: object, **kwargs: object) -> bytes:
                     raise RuntimeError(f"cannot render for {' '.join(ENV.values())}")
+
                 patch.setattr(api, "render_images", broken)
                 assert call("gateway bug", "rendering").status_code == 500
             for endpoint in ("/v1/config", "/metrics", "/readyz", "/v1/models"):

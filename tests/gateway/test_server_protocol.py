@@ -27,10 +27,18 @@ from tests.servers import free_port, serve_app
 @contextlib.contextmanager
 def serve_with_protocol(app) -> Iterator[tuple[str, int]]:
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=GatewayHttpProtocol, loop="asyncio",
-                            log_level="warning", access_log=False, lifespan="auto", timeout_graceful_shutdown=1)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        http=GatewayHttpProtocol,
+        loop="asyncio",
+        log_level="warning",
+        access_log=False,
+        lifespan="auto",
+        timeout_graceful_shutdown=1,
+    )
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -66,8 +74,13 @@ async def app(scope, receive, send):
         await send({"type": "http.response.body", "body": b""})
         return
     body = b"hello " + path.encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))],
+        }
+    )
     if path == "/slow":
         await asyncio.sleep(0.3)
     await send({"type": "http.response.body", "body": body})
@@ -112,7 +125,8 @@ def test_arrival_stamp_reaches_the_app() -> None:
 def test_gateway_overhead_counts_from_arrival() -> None:
     stub = OpenAIStub()
     with serve_app(stub) as upstream:
-        config = load_config_text(f"""
+        config = load_config_text(
+            f"""
 backends:
   up:
     type: openai
@@ -123,15 +137,19 @@ routes:
   - name: main
     candidates: [{{backend: up}}]
 default_tier: standard
-""", source="test")
+""",
+            source="test",
+        )
         from gateway.app import create_app
 
         with serve_with_protocol(create_app(config)) as (base, _), httpx.Client(base_url=base) as client:
             for _ in range(3):
                 r = client.post("/v1/images/generations", json={"prompt": "a fox", "size": "64x64"})
                 assert r.status_code == 200
-                timing = dict(part.split(";dur=")[:2] for part in
-                              (p.split(";desc=")[0].strip() for p in r.headers["server-timing"].split(",")))
+                timing = dict(
+                    part.split(";dur=")[:2]
+                    for part in (p.split(";desc=")[0].strip() for p in r.headers["server-timing"].split(","))
+                )
                 gateway, backend, total = (float(timing[k]) for k in ("gateway", "backend", "total"))
                 assert gateway > 0 and backend > 0
                 assert abs(gateway + backend - total) < 0.01
@@ -195,7 +213,8 @@ CHANGES = {
     "send with another signature": _send_takes_more,
     "cycle built elsewhere": _wrapped_headers_complete,
     "an __init__ that sets other attributes": lambda mp: mp.setattr(
-        HttpToolsProtocol, "__init__", lambda self, config, server_state, app_state, _loop=None: None),
+        HttpToolsProtocol, "__init__", lambda self, config, server_state, app_state, _loop=None: None
+    ),
 }
 
 
@@ -223,14 +242,17 @@ def test_the_fallback_serves_the_gateway_under_stock_uvicorn(monkeypatch) -> Non
     _wrapped_headers_complete(monkeypatch)  # stock uvicorn still works with this one; our subclass would not know
     stub = OpenAIStub()
     with serve_app(stub) as upstream:
-        config = load_config_text(f"""
+        config = load_config_text(
+            f"""
 backends:
   up: {{type: openai, settings: {{base_url: "{upstream}/v1"}}}}
 tiers: {{standard: {{}}}}
 routes:
   - {{name: main, candidates: [{{backend: up}}]}}
 default_tier: standard
-""", source="test")
+""",
+            source="test",
+        )
         with structlog.testing.capture_logs() as logs:
             from gateway.server import uvicorn_settings
 

@@ -38,13 +38,15 @@ routes:
   - {{name: main, candidates: [{{backend: stub}}]}}
 default_tier: standard
 """
-HEAD = (b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 100\r\n\r\n")
+HEAD = (
+    b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+)
 
 
 @contextlib.contextmanager
-def gateway(*, header: float = HEADER_S, body: float = BODY_S, limit: int = 1000,
-            **uvicorn_options) -> Iterator[tuple[str, int]]:
+def gateway(
+    *, header: float = HEADER_S, body: float = BODY_S, limit: int = 1000, **uvicorn_options
+) -> Iterator[tuple[str, int]]:
     with serve_app(OpenAIStub()) as upstream:
         config = load_config_text(CONFIG.format(header=header, body=body, limit=limit, base=upstream), "slow")
         if uvicorn_options:
@@ -111,12 +113,13 @@ def test_forty_slowloris_connections_are_all_closed(served) -> None:
         guard = time.monotonic() + GUARD_S
         while still_open and time.monotonic() < guard:
             for key, _ in selector.select(timeout=1):
-                sock = key.fileobj  # type: ignore[assignment]
-                chunk = sock.recv(65536)  # type: ignore[union-attr]
-                answers[sock].extend(chunk)  # type: ignore[index]
+                assert isinstance(key.fileobj, socket.socket)
+                sock = key.fileobj
+                chunk = sock.recv(65536)
+                answers[sock].extend(chunk)
                 if not chunk:
                     selector.unregister(sock)
-                    still_open.discard(sock)  # type: ignore[arg-type]
+                    still_open.discard(sock)
         assert not still_open, f"{len(still_open)} of 40 connections still open"
         assert all(status_and_error(bytes(answer))[0] == 408 for answer in answers.values())
     finally:
@@ -137,7 +140,7 @@ def test_a_byte_every_little_while_does_not_extend_the_body_deadline(served) -> 
             sock.sendall(b" ")
             sent += 1
         selector.close()
-        status, error = status_and_error(until_closed(sock))
+        status, _ = status_and_error(until_closed(sock))
     assert status == 408 and sent < 100
 
 
@@ -169,11 +172,13 @@ def test_a_head_over_max_header_bytes_is_refused_431(served) -> None:
 
 
 def test_kept_alive_connections_get_the_same_deadline_for_their_next_head(served) -> None:
-    base, port = served
+    _, port = served
     body = b'{"prompt": "a fox", "size": "64x64"}'
     with connect(port) as sock:
-        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         first = b""
         while b'"data"' not in first or not first.endswith(b"}"):
             first += sock.recv(65536)
@@ -194,7 +199,7 @@ def test_whole_requests_are_never_cut_off(served) -> None:
 
 
 def test_connections_over_limit_concurrency_are_answered_503() -> None:
-    with gateway(header=GUARD_S, limit=3) as (base, port):
+    with gateway(header=GUARD_S, limit=3) as (_, port):
         idle = [connect(port) for _ in range(3)]
         try:
             with connect(port) as sock:

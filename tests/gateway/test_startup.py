@@ -32,8 +32,11 @@ class Starting:
         self.started = True
 
     async def aclose(self) -> None: ...
-    def ready(self) -> bool: return self.started
-    def load(self) -> Load: return Load()
+    def ready(self) -> bool:
+        return self.started
+
+    def load(self) -> Load:
+        return Load()
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
         raise AssertionError("not called")

@@ -35,8 +35,9 @@ def make_settings(**overrides: Any) -> Settings:
 
 
 def make_spec(name: str = "local", **overrides: Any) -> BackendSpec:
-    return BackendSpec(name=name, type="local_sdxl", settings=make_settings(**overrides),
-                       capabilities=Capabilities(max_n=8))
+    return BackendSpec(
+        name=name, type="local_sdxl", settings=make_settings(**overrides), capabilities=Capabilities(max_n=8)
+    )
 
 
 def request(prompt: str = "a red bicycle", **kw: Any) -> ImageRequest:
@@ -62,14 +63,16 @@ def backend() -> Iterator[LocalSDXLBackend]:
 
 @pytest.fixture
 def hook(backend: LocalSDXLBackend) -> Iterator[Hook]:
+    worker = backend.worker
+    assert worker is not None
     h = Hook()
-    backend.worker.inject = h  # type: ignore[union-attr]
+    worker.inject = h
     try:
         yield h
     finally:
         h.gate.set()
-        backend.worker.inject = None  # type: ignore[union-attr]
-        backend.worker.broken = None  # type: ignore[union-attr]
+        worker.inject = None
+        worker.broken = None
 
 
 class Hook:

@@ -28,8 +28,7 @@ def pixels(image) -> np.ndarray:
 @pytest.mark.parametrize("decoder", ["full", "taesd"])
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
 async def test_both_decoders_return_valid_images(backend, decoder, fmt):
-    result = await backend.generate(
-        request(output_format=fmt, seed=3, options={"decoder": decoder}), StageClock())
+    result = await backend.generate(request(output_format=fmt, seed=3, options={"decoder": decoder}), StageClock())
     (image,) = result.images
     assert image.format == fmt
     with PILImage.open(io.BytesIO(image.as_bytes())) as img:
@@ -70,8 +69,9 @@ async def test_seed_gives_reproducible_images(backend):
 async def test_prompt_and_negative_prompt_change_the_image(backend):
     base = pixels((await backend.generate(request("a cat", seed=1), StageClock())).images[0])
     other = pixels((await backend.generate(request("a dog", seed=1), StageClock())).images[0])
-    negative = pixels((await backend.generate(request("a cat", seed=1, negative_prompt="blurry"),
-                                              StageClock())).images[0])
+    negative = pixels(
+        (await backend.generate(request("a cat", seed=1, negative_prompt="blurry"), StageClock())).images[0]
+    )
     assert np.abs(base - other).max() > 0
     assert np.abs(base - negative).max() > 0
 
@@ -96,8 +96,10 @@ async def test_concurrent_compatible_requests_are_batched(backend, hook):
     blocker = asyncio.create_task(backend.generate(request("blocker"), StageClock()))
     await wait_for(lambda: len(hook.batches) == 1)
     prompts = [f"prompt number {i}" for i in range(4)]
-    tasks = [asyncio.create_task(backend.generate(request(p, seed=100 + i, guidance_scale=4.0 + i), StageClock()))
-             for i, p in enumerate(prompts)]
+    tasks = [
+        asyncio.create_task(backend.generate(request(p, seed=100 + i, guidance_scale=4.0 + i), StageClock()))
+        for i, p in enumerate(prompts)
+    ]
     await wait_for(lambda: backend.worker.queue_depth() == 4)
     load = backend.load()
     assert load.queue_depth == 4 and load.in_flight == 5 and load.est_wait_s > 0
@@ -165,18 +167,22 @@ def test_a_refusing_backend_needs_the_narrowed_capabilities():
     with pytest.raises(ValueError, match="unlisted_shape: refuse"):
         LocalSDXLBackend(BackendSpec(name="strict", type="local_sdxl", settings=settings, capabilities=declared))
     narrowed = LocalSDXLBackend.capabilities_for(settings, declared)
-    backend = LocalSDXLBackend(BackendSpec(name="strict", type="local_sdxl", settings=settings,
-                                           capabilities=narrowed))
+    backend = LocalSDXLBackend(BackendSpec(name="strict", type="local_sdxl", settings=settings, capabilities=narrowed))
     assert backend.spec.capabilities.sizes == (f"{SIZE}x{SIZE}",)
     # Eager settings declare what routes.yaml says, unchanged.
     LocalSDXLBackend(make_spec())
 
 
 async def test_listed_shapes_of_a_refusing_backend_are_served_padded():
-    settings = make_settings(unlisted_shape="refuse", shapes=[{"width": SIZE, "height": SIZE, "batch": 2}],
-                             warmup_runs=0)
-    spec = BackendSpec(name="strict", type="local_sdxl", settings=settings,
-                       capabilities=LocalSDXLBackend.capabilities_for(settings, Capabilities(max_n=8)))
+    settings = make_settings(
+        unlisted_shape="refuse", shapes=[{"width": SIZE, "height": SIZE, "batch": 2}], warmup_runs=0
+    )
+    spec = BackendSpec(
+        name="strict",
+        type="local_sdxl",
+        settings=settings,
+        capabilities=LocalSDXLBackend.capabilities_for(settings, Capabilities(max_n=8)),
+    )
     backend = LocalSDXLBackend(spec)
     await backend.start()
     try:
@@ -207,8 +213,7 @@ async def test_cancelled_queued_request_never_runs(backend, hook):
 async def test_expired_queued_request_is_dropped(backend, hook):
     blocker = asyncio.create_task(backend.generate(request("blocker"), StageClock()))
     await wait_for(lambda: len(hook.batches) == 1)
-    late = asyncio.create_task(
-        backend.generate(request("too late", deadline=time.monotonic() + 0.2), StageClock()))
+    late = asyncio.create_task(backend.generate(request("too late", deadline=time.monotonic() + 0.2), StageClock()))
     await asyncio.sleep(0.3)
     hook.gate.set()
     with pytest.raises(BackendTimeout, match="never ran"):
@@ -217,15 +222,23 @@ async def test_expired_queued_request_is_dropped(backend, hook):
     assert "too late" not in hook.prompts()
 
 
-@pytest.mark.parametrize("error", [
-    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
-    RuntimeError("HIP error: out of memory"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        RuntimeError("HIP error: out of memory"),
+    ],
+)
 async def test_injected_oom_is_retryable_and_the_worker_keeps_serving(backend, hook, error):
     freed = []
     worker = backend.worker
     original = worker._free_device_memory
-    worker._free_device_memory = lambda: (freed.append(1), original())
+
+    def free() -> None:
+        freed.append(1)
+        original()
+
+    worker._free_device_memory = free
     try:
         hook.fail["oom please"] = error
         with pytest.raises(BackendFailed, match="out of memory") as info:
@@ -283,7 +296,7 @@ def test_description_says_images_are_noise(backend):
 
 async def test_start_failure_is_reported():
     backend = LocalSDXLBackend(make_spec("broken", device="cuda:7"))
-    with pytest.raises(RuntimeError, match="CUDA is not available|CUDA devices exist"):
+    with pytest.raises(RuntimeError, match=r"CUDA is not available|CUDA devices exist"):
         await backend.start()
     assert not backend.ready()
     await backend.aclose()
@@ -291,19 +304,21 @@ async def test_start_failure_is_reported():
 
 async def test_stop_that_times_out_still_answers_every_waiter():
     backend = await asyncio.to_thread(start_backend, "stopping", warmup_runs=0)
+    worker = backend.worker
+    assert worker is not None
     hook = Hook()
-    backend.worker.inject = hook
+    worker.inject = hook
     running = asyncio.create_task(backend.generate(request("blocker"), StageClock()))
     await wait_for(lambda: len(hook.batches) == 1)  # on the device, held by the gate
     queued = asyncio.create_task(backend.generate(request("queued"), StageClock()))
-    await wait_for(lambda: backend.worker.queue_depth() == 1)
-    await asyncio.to_thread(backend.worker.stop, 0.05)  # times out: the batch is still held
+    await wait_for(lambda: worker.queue_depth() == 1)
+    await asyncio.to_thread(worker.stop, 0.05)  # times out: the batch is still held
     hook.gate.set()  # the batch finishes after stop() returned, into a closed encoder pool
-    await asyncio.to_thread(backend.worker._thread.join)
+    await asyncio.to_thread(worker._thread.join)
     done, _ = await asyncio.wait({running, queued}, timeout=10)
     assert done == {running, queued}, "a waiter was never answered"
     for task in (running, queued):
         with pytest.raises(BackendUnavailable, match="shutting down"):
             task.result()
-    assert backend.worker.broken is None  # the worker ended cleanly, it did not die on the closed pool
+    assert worker.broken is None  # the worker ended cleanly, it did not die on the closed pool
     await backend.aclose()

@@ -21,8 +21,13 @@ WINDOW_MS = 60_000  # far longer than any test waits: a job that is held for it 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[LocalSDXLBackend]:
     # Listed batches 1 and 2 of one size, max_batch 4: two single images can share a run, three cannot.
-    b = start_backend("batching", max_wait_ms=WINDOW_MS, max_batch=4, warmup_runs=0,
-                      shapes=[{"width": SIZE, "height": SIZE, "batch": 1}, {"width": SIZE, "height": SIZE, "batch": 2}])
+    b = start_backend(
+        "batching",
+        max_wait_ms=WINDOW_MS,
+        max_batch=4,
+        warmup_runs=0,
+        shapes=[{"width": SIZE, "height": SIZE, "batch": 1}, {"width": SIZE, "height": SIZE, "batch": 2}],
+    )
     try:
         yield b
     finally:

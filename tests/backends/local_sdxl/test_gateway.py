@@ -21,8 +21,10 @@ from tests.servers import serve_gateway
 
 from .conftest import SIZE, Hook, wait_for
 
-SETTINGS = (f"{{preset: tiny, device: cpu, default_steps: 4, max_wait_ms: 0, warmup_runs: 0, "
-            f"shapes: [{{width: {SIZE}, height: {SIZE}, batch: 1}}, {{width: {SIZE}, height: {SIZE}, batch: 2}}]}}")
+SETTINGS = (
+    f"{{preset: tiny, device: cpu, default_steps: 4, max_wait_ms: 0, warmup_runs: 0, "
+    f"shapes: [{{width: {SIZE}, height: {SIZE}, batch: 1}}, {{width: {SIZE}, height: {SIZE}, batch: 2}}]}}"
+)
 CONFIG = f"""
 server: {{default_deadline_s: 30, max_retries: 0, cooldown_failures: 0}}
 backends:
@@ -116,8 +118,10 @@ async def test_stages_appear_in_server_timing_and_metrics(served, hooks):
 async def test_tiers_choose_the_decoder_and_seeds_repeat(served, hooks):
     base, _ = served
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-        preview = [await client.post("/v1/images/generations", json=body("a kite", tier="preview", seed=9, n=2))
-                   for _ in range(2)]
+        preview = [
+            await client.post("/v1/images/generations", json=body("a kite", tier="preview", seed=9, n=2))
+            for _ in range(2)
+        ]
     assert all(r.status_code == 200 for r in preview), preview[0].text
     assert [b.decoder for b in hooks["primary"].batches] == ["taesd", "taesd"]
     assert preview[0].json()["data"] == preview[1].json()["data"]  # same seed, same images
@@ -182,8 +186,9 @@ async def test_concurrent_requests_share_one_device_run(served, hooks):
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
         busy = asyncio.create_task(client.post("/v1/images/generations", json=body("blocker")))
         await wait_for(lambda: len(hooks["primary"].batches) == 1)
-        pair = [asyncio.create_task(client.post("/v1/images/generations", json=body(f"twin {i}", seed=i)))
-                for i in range(2)]
+        pair = [
+            asyncio.create_task(client.post("/v1/images/generations", json=body(f"twin {i}", seed=i))) for i in range(2)
+        ]
         await wait_for(lambda: served[1]["primary"].worker.queue_depth() == 2)
         hooks["primary"].gate.set()
         responses = await asyncio.gather(busy, *pair)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
+
+import torch
 
 from backends.local_sdxl.presets import (
     Components,
@@ -27,7 +30,15 @@ MODELS = ("unet", "vae", "taesd", "text_encoder", "text_encoder_2")
 
 
 def _tiny(seed: int = 0, **kw) -> Components:
-    args = {"preset": "tiny", "model": None, "taesd": None, "device": "cpu", "dtype": F32, "vae_dtype": F32, "seed": seed}
+    args = {
+        "preset": "tiny",
+        "model": None,
+        "taesd": None,
+        "device": "cpu",
+        "dtype": F32,
+        "vae_dtype": F32,
+        "seed": seed,
+    }
     return load_components(**{**args, **kw})
 
 
@@ -57,8 +68,15 @@ def saved(tiny, tmp_path_factory):
 
 
 def _load(folder, **kw) -> Components:
-    args = {"preset": None, "model": str(folder), "taesd": str(folder / "taesd"), "device": "cpu", "dtype": F32,
-                "vae_dtype": F32, "local_files_only": True}
+    args = {
+        "preset": None,
+        "model": str(folder),
+        "taesd": str(folder / "taesd"),
+        "device": "cpu",
+        "dtype": F32,
+        "vae_dtype": F32,
+        "local_files_only": True,
+    }
     return load_components(**{**args, **kw})
 
 
@@ -80,9 +98,13 @@ def test_tiny_is_sdxl_shaped_and_runs(tiny):
         cond = torch.cat([h1, out2.hidden_states[-2]], dim=-1)
         latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
         time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])
-        eps = tiny.unet(latents, torch.tensor(999), encoder_hidden_states=cond,
-                        added_cond_kwargs={"text_embeds": out2.text_embeds, "time_ids": time_ids},
-                        return_dict=False)[0]
+        eps = tiny.unet(
+            latents,
+            torch.tensor(999),
+            encoder_hidden_states=cond,
+            added_cond_kwargs={"text_embeds": out2.text_embeds, "time_ids": time_ids},
+            return_dict=False,
+        )[0]
         full = tiny.vae.decode(latents / tiny.vae.config.scaling_factor, return_dict=False)[0]
         fast = tiny.taesd.decode(latents, return_dict=False)[0]
     assert eps.shape == latents.shape and torch.isfinite(eps).all()
@@ -129,8 +151,9 @@ def test_generated_tokenizers(tiny):
 
 def test_sdxl_random_on_meta_device():
     """The full-size preset, built on the meta device: right architecture, dtype, device; no memory used."""
-    c = load_components(preset="sdxl-random", model=None, taesd=None, device="meta",
-                        dtype=torch.bfloat16, vae_dtype=torch.bfloat16)
+    c = load_components(
+        preset="sdxl-random", model=None, taesd=None, device="meta", dtype=torch.bfloat16, vae_dtype=torch.bfloat16
+    )
     count = sum(p.numel() for p in c.unet.parameters())
     assert count == 2_567_463_684
     assert c.unet.config.cross_attention_dim == 2048 and c.vae_scale_factor == 8
@@ -144,7 +167,7 @@ def test_sdxl_random_on_meta_device():
 
 
 def test_selection_errors():
-    base = {"taesd": None, "device": "cpu", "dtype": F32, "vae_dtype": F32}
+    base: dict[str, Any] = {"taesd": None, "device": "cpu", "dtype": F32, "vae_dtype": F32}
     with pytest.raises(PresetError, match="exactly one"):
         load_components(preset=None, model=None, **base)
     with pytest.raises(PresetError, match="exactly one"):
@@ -219,8 +242,9 @@ def test_tokenizer_that_cannot_spell_is_refused(tiny, tmp_path):
     _save(tiny, tmp_path)
 
     def scramble(model):
-        model["vocab"] = {(f"\u2603{v}" if any("a" <= ch <= "z" for ch in k) and v < 998 else k): v
-                          for k, v in model["vocab"].items()}
+        model["vocab"] = {
+            (f"\u2603{v}" if any("a" <= ch <= "z" for ch in k) and v < 998 else k): v for k, v in model["vocab"].items()
+        }
         model["merges"] = []
 
     _edit_tokenizer(tmp_path, scramble)
@@ -252,7 +276,7 @@ def test_wrong_component_is_refused(tiny, tmp_path):
 
 
 def test_verify_catches_wiring_and_dtype_mismatches(tiny):
-    with pytest.raises(LoadError, match="unet parameters are .*float32.*expected torch.float16"):
+    with pytest.raises(LoadError, match=r"unet parameters are .*float32.*expected torch\.float16"):
         verify_components(tiny, device=torch.device("cpu"), dtype=torch.float16, vae_dtype=F32)
     broken = Components(**{**tiny.__dict__, "text_encoder": _tiny_text_encoder(hidden=48)})
     with pytest.raises(LoadError, match="cross_attention_dim 64"):
@@ -263,13 +287,19 @@ def test_verify_catches_wiring_and_dtype_mismatches(tiny):
 
 
 def _tiny_text_encoder(hidden: int):
-    cfg = transformers.CLIPTextConfig(hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
-                                      num_hidden_layers=1, vocab_size=1000, max_position_embeddings=77)
+    cfg = transformers.CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        vocab_size=1000,
+        max_position_embeddings=77,
+    )
     return transformers.CLIPTextModel(cfg).eval()
 
 
 def test_missing_model_folder_fails_with_cause(tmp_path):
-    with pytest.raises(LoadError, match="cannot load UNet2DConditionModel from .*nowhere"):
+    with pytest.raises(LoadError, match=r"cannot load UNet2DConditionModel from .*nowhere"):
         _load(tmp_path / "nowhere")
 
 
@@ -306,8 +336,9 @@ def test_concurrent_first_loads_in_a_fresh_process():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[3]
-    done = subprocess.run([sys.executable, "-c", CONCURRENT_LOADS], cwd=root, capture_output=True, text=True,
-                          timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", CONCURRENT_LOADS], cwd=root, capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
@@ -329,8 +360,14 @@ def test_concurrent_builds_do_not_share_seed_dtype_or_device(path, monkeypatch):
     def build(seed: int, dtype: torch.dtype):
         if path == "tiny":
             return _tiny(seed=seed, dtype=dtype, vae_dtype=dtype)
-        return presets._build_random(presets.tiny_configs(), device=torch.device("cpu"), dtype=dtype,
-                                     vae_dtype=dtype, seed=seed, build_on_device=True)
+        return presets._build_random(
+            presets.tiny_configs(),
+            device=torch.device("cpu"),
+            dtype=dtype,
+            vae_dtype=dtype,
+            seed=seed,
+            build_on_device=True,
+        )
 
     alone = [build(seed, dtype) for seed, dtype in enumerate(dtypes)]  # one at a time
     expected = [_weights(c) for c in alone]
@@ -339,8 +376,9 @@ def test_concurrent_builds_do_not_share_seed_dtype_or_device(path, monkeypatch):
         # and a plain construction in float32 (text_encoder is the fourth component).
         with torch.random.fork_rng():
             torch.manual_seed(0 * 1000 + 3)
-            reference = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-                **presets.tiny_configs()["text_encoder"]))
+            reference = transformers.CLIPTextModel(
+                transformers.CLIPTextConfig(**presets.tiny_configs()["text_encoder"])
+            )
         assert _same_weights(reference, alone[0].text_encoder)
     rng, default_dtype = torch.get_rng_state(), torch.get_default_dtype()
 
@@ -376,4 +414,3 @@ def test_concurrent_builds_do_not_share_seed_dtype_or_device(path, monkeypatch):
         assert [k for k in weights if not torch.equal(weights[k], expected[seed][k])] == []
     assert torch.get_default_dtype() == default_dtype
     assert torch.equal(torch.get_rng_state(), rng)  # nothing drew from (or reseeded) the global generator
-

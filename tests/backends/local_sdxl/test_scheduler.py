@@ -6,8 +6,10 @@ import contextlib
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+
+import torch
 
 from backends.local_sdxl.scheduler import (
     SDXL_SCHEDULER_CONFIG,
@@ -120,8 +122,14 @@ def test_config_handling():
     assert default.plan(24).timesteps_host == from_sdxl.plan(24).timesteps_host
     # Unknown keys from other schedulers are ignored; algorithm-changing ones are refused.
     DPMSolver2MKarras.from_config({**SDXL_SCHEDULER_CONFIG, "interpolation_type": "linear", "timestep_type": "x"})
-    for bad in ({"algorithm_type": "sde-dpmsolver++"}, {"thresholding": True}, {"use_exponential_sigmas": True},
-                {"solver_order": 3}, {"beta_schedule": "squaredcos_cap_v2"}, {"prediction_type": "flow_prediction"}):
+    for bad in (
+        {"algorithm_type": "sde-dpmsolver++"},
+        {"thresholding": True},
+        {"use_exponential_sigmas": True},
+        {"solver_order": 3},
+        {"beta_schedule": "squaredcos_cap_v2"},
+        {"prediction_type": "flow_prediction"},
+    ):
         with pytest.raises(SchedulerConfigError):
             DPMSolver2MKarras.from_config(SDXL_SCHEDULER_CONFIG, **bad)
     with pytest.raises(ValueError):
@@ -206,6 +214,7 @@ def test_gpu_sync_check_script_runs(capsys):
 
     path = pathlib.Path(__file__).parents[3] / "benchmarks" / "gpu_sync_check.py"
     spec = importlib.util.spec_from_file_location("gpu_sync_check", path)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not torch.cuda.is_available():

@@ -52,8 +52,11 @@ class Remote:
 
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
-    def ready(self) -> bool: return True
-    def load(self) -> Load: return Load()
+    def ready(self) -> bool:
+        return True
+
+    def load(self) -> Load:
+        return Load()
 
     async def generate(self, request: ImageRequest, clock: StageClock) -> ImageResult:
         self.served_while_local_busy.append(not self.gate.is_set())
@@ -67,6 +70,7 @@ async def gateway() -> AsyncIterator[tuple[httpx.AsyncClient, LocalSDXLBackend, 
     config = load_config_text(CONFIG, "spill.yaml")
     local = LocalSDXLBackend(config.backends["local"].spec)
     await local.start()
+    assert local.worker is not None
     hook = Hook()
     local.worker.inject = hook
     # A realistic run-time estimate (a real SDXL run takes seconds): the worker's estimated wait is then
@@ -75,8 +79,9 @@ async def gateway() -> AsyncIterator[tuple[httpx.AsyncClient, LocalSDXLBackend, 
     remote = Remote(config.backends["remote"].spec, hook.gate)
     app = create_app(config, backends={"local": local, "remote": remote})
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
-                                     timeout=600) as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=600
+        ) as client:
             yield client, local, remote, hook
     finally:
         hook.gate.set()

@@ -44,28 +44,39 @@ class FakeV2:
     ready: bool = True
     gzip: bool = True
     delay_s: float = 0.0
-    output_datatype: str = "UINT8"   # or FP32
-    layout: str = "NHWC"             # or NCHW
+    output_datatype: str = "UINT8"  # or FP32
+    layout: str = "NHWC"  # or NCHW
     script: deque[Scripted] = field(default_factory=deque)
     calls: list[dict[str, Any]] = field(default_factory=list)
     in_flight: int = 0
     disconnected: int = 0
     delays_served: int = 0  # slow answers that waited out delay_s (the client stayed)
+    base: str = ""  # where a test serves it
 
-    def fail_next(self, status: int = 500, error: str = "injected failure", *, body: bytes | None = None,
-                  reset: bool = False, times: int = 1) -> None:
+    def fail_next(
+        self,
+        status: int = 500,
+        error: str = "injected failure",
+        *,
+        body: bytes | None = None,
+        reset: bool = False,
+        times: int = 1,
+    ) -> None:
         for _ in range(times):
-            self.script.append(Scripted(status, body if body is not None else orjson.dumps({"error": error}),
-                                        reset=reset))
+            self.script.append(
+                Scripted(status, body if body is not None else orjson.dumps({"error": error}), reset=reset)
+            )
 
     def app(self) -> Starlette:
-        return Starlette(routes=[
-            Route("/v2/health/ready", lambda r: Response(status_code=200 if self.ready else 503)),
-            Route("/v2/models/{model}/ready", self._ready, methods=["GET"]),
-            Route("/v2/models/{model}/versions/{version}/ready", self._ready, methods=["GET"]),
-            Route("/v2/models/{model}/infer", self._infer, methods=["POST"]),
-            Route("/v2/models/{model}/versions/{version}/infer", self._infer, methods=["POST"]),
-        ])
+        return Starlette(
+            routes=[
+                Route("/v2/health/ready", lambda r: Response(status_code=200 if self.ready else 503)),
+                Route("/v2/models/{model}/ready", self._ready, methods=["GET"]),
+                Route("/v2/models/{model}/versions/{version}/ready", self._ready, methods=["GET"]),
+                Route("/v2/models/{model}/infer", self._infer, methods=["POST"]),
+                Route("/v2/models/{model}/versions/{version}/infer", self._infer, methods=["POST"]),
+            ]
+        )
 
     async def _ready(self, request: Request) -> Response:
         ok = self.ready and request.path_params["model"] == self.model
@@ -80,8 +91,9 @@ class FakeV2:
             scripted = self.script.popleft()
             if scripted.reset:
                 return _ResetResponse()
-            return Response(scripted.body, status_code=scripted.status, headers=scripted.headers,
-                            media_type="application/json")
+            return Response(
+                scripted.body, status_code=scripted.status, headers=scripted.headers, media_type="application/json"
+            )
         self.in_flight += 1
         try:
             if self.delay_s and await self._client_left(request, self.delay_s):
@@ -118,7 +130,7 @@ class FakeV2:
         seeds = inputs.get("seed", [0] * rows)
         width = int(inputs.get("width", [64])[0])
         height = int(inputs.get("height", [64])[0])
-        images = np.stack([image_model.render(p, int(s), width, height) for p, s in zip(prompts, seeds)])
+        images = np.stack([image_model.render(p, int(s), width, height) for p, s in zip(prompts, seeds, strict=True)])
         if self.layout == "NCHW":
             images = images.transpose(0, 3, 1, 2)
         tensor = np.ascontiguousarray(images.astype(_DTYPES[self.output_datatype]))
@@ -152,7 +164,7 @@ def _error(status: int, message: str) -> Response:
 def _parse(headers, raw: bytes) -> tuple[dict, dict[str, list]]:
     """Request JSON and its inputs as flat lists, following Triton's binary input rules."""
     length = headers.get("inference-header-content-length")
-    head, binary = (raw[: int(length)], raw[int(length):]) if length is not None else (raw, b"")
+    head, binary = (raw[: int(length)], raw[int(length) :]) if length is not None else (raw, b"")
     try:
         doc = orjson.loads(head)
     except orjson.JSONDecodeError:
@@ -164,12 +176,12 @@ def _parse(headers, raw: bytes) -> tuple[dict, dict[str, list]]:
         if size is None:
             values = tensor["data"]
         else:
-            chunk, offset = binary[offset:offset + size], offset + size
+            chunk, offset = binary[offset : offset + size], offset + size
             if tensor["datatype"] == "BYTES":
                 values, pos = [], 0
                 while pos < len(chunk):
                     (n,) = struct.unpack_from("<I", chunk, pos)
-                    values.append(chunk[pos + 4:pos + 4 + n].decode())
+                    values.append(chunk[pos + 4 : pos + 4 + n].decode())
                     pos += 4 + n
             else:
                 values = np.frombuffer(chunk, dtype=_DTYPES[tensor["datatype"]]).tolist()
@@ -189,7 +201,12 @@ class _ResetResponse(Response):
         super().__init__(b"", media_type="application/json")
 
     async def __call__(self, scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"100000")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"100000")],
+            }
+        )
         await send({"type": "http.response.body", "body": b'{"outputs": [', "more_body": True})
         raise ConnectionResetError("injected reset mid-body")

@@ -12,8 +12,8 @@ import zlib
 import numpy as np
 
 # Prompts the served models treat specially, to inject failures from a test.
-FAIL_PROMPT = "raise an error"      # the model raises -> the server reports a model failure
-SLOW_PROMPT_PREFIX = "sleep:"       # "sleep:0.5 ..." -> the model sleeps that many seconds first
+FAIL_PROMPT = "raise an error"  # the model raises -> the server reports a model failure
+SLOW_PROMPT_PREFIX = "sleep:"  # "sleep:0.5 ..." -> the model sleeps that many seconds first
 
 
 def render(prompt: str, seed: int = 0, width: int = 64, height: int = 64) -> np.ndarray:
@@ -30,7 +30,7 @@ def slow_seconds(prompt: str) -> float:
     """How long the model should sleep for ``prompt`` (0 unless it starts with ``sleep:SECONDS``)."""
     if not prompt.startswith(SLOW_PROMPT_PREFIX):
         return 0.0
-    head = prompt[len(SLOW_PROMPT_PREFIX):].split()[0] if prompt[len(SLOW_PROMPT_PREFIX):].strip() else "0"
+    head = prompt[len(SLOW_PROMPT_PREFIX) :].split()[0] if prompt[len(SLOW_PROMPT_PREFIX) :].strip() else "0"
     try:
         return min(float(head), 30.0)
     except ValueError:

@@ -29,7 +29,7 @@ from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tens
 from pytriton.triton import Triton, TritonConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import image_model  # noqa: E402  (a sibling file, loaded from this directory)
+import image_model
 
 
 def _column(inputs: dict, name: str, n: int, default):
@@ -50,8 +50,9 @@ def _infer_one(inputs: dict) -> dict:
         if prompt == image_model.FAIL_PROMPT:
             raise ValueError("the test model was asked to fail")
         time.sleep(image_model.slow_seconds(prompt))
-    images = np.stack([image_model.render(p, s, int(widths[0]), int(heights[0]))
-                       for p, s in zip(prompts, seeds)])
+    images = np.stack(
+        [image_model.render(p, s, int(widths[0]), int(heights[0])) for p, s in zip(prompts, seeds, strict=True)]
+    )
     return {
         "generated_image": images,
         "generated_image_fp32": images.astype(np.float32),
@@ -96,10 +97,15 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     _prefer_own_libpython()
     config = TritonConfig(
-        http_address="127.0.0.1", http_port=args.http_port,
-        grpc_address="127.0.0.1", grpc_port=args.grpc_port,
-        metrics_address="127.0.0.1", metrics_port=args.metrics_port,
-        allow_gpu_metrics=False, log_verbose=0, exit_timeout_secs=2,
+        http_address="127.0.0.1",
+        http_port=args.http_port,
+        grpc_address="127.0.0.1",
+        grpc_port=args.grpc_port,
+        metrics_address="127.0.0.1",
+        metrics_port=args.metrics_port,
+        allow_gpu_metrics=False,
+        log_verbose=0,
+        exit_timeout_secs=2,
     )
     with Triton(config=config) as triton:
         triton.bind(

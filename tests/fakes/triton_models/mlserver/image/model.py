@@ -16,7 +16,7 @@ from mlserver.codecs import NumpyCodec, StringCodec
 from mlserver.types import InferenceRequest, InferenceResponse
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import image_model  # noqa: E402  (tests/fakes/triton_models/image_model.py)
+import image_model
 
 
 class ImageModel(MLModel):
@@ -36,7 +36,9 @@ class ImageModel(MLModel):
         seeds, widths, heights = column("seed", 0), column("width", 64), column("height", 64)
         if image_model.FAIL_PROMPT in prompts:
             raise ValueError("the test model was asked to fail")
-        images = np.stack([image_model.render(p, s, widths[0], heights[0]) for p, s in zip(prompts, seeds)])
+        images = np.stack(
+            [image_model.render(p, s, widths[0], heights[0]) for p, s in zip(prompts, seeds, strict=True)]
+        )
         wanted = [o.name for o in payload.outputs or []] or ["generated_image"]
         outputs = []
         for name in wanted:
